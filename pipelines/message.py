@@ -35,7 +35,9 @@ HELLO = "hello"
 CREDIT = "credit"
 QUERY = "query"
 REPLY = "reply"
-KINDS = frozenset({SCAN_START, FRAME, RESULT, SCAN_END, GAP, HEARTBEAT, HELLO, CREDIT, QUERY, REPLY})
+BYE = "bye"
+DATA_KINDS = frozenset({SCAN_START, FRAME, RESULT, SCAN_END, GAP})
+KINDS = DATA_KINDS | {HEARTBEAT, HELLO, CREDIT, QUERY, REPLY, BYE}
 
 #: dtypes a buffer may have: numeric only, both byte orders.
 ALLOWED_DTYPES = frozenset(
@@ -269,5 +271,5 @@ def decode(frames: Sequence[Any]) -> Message:
 
 
 def control(kind: str, **body: Any) -> Message:
-    """A small control message (hello, credit, heartbeat, query, reply)."""
+    """A small control message (hello, credit, heartbeat, bye, query, reply)."""
     return Message(kind=kind, body=body)

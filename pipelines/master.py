@@ -1,0 +1,414 @@
+"""The pipeline master: ingest frames from a source, queue them, dispatch them by credit.
+
+Every data message (scan start, frame, gap, scan end) is a work item that must
+reach exactly one worker of every worker group. Items stay held by the master
+until a worker of each group acknowledges them, so the frames a worker holds
+when it dies are dispatched again. The queue is bounded in frames and bytes;
+when it is full the overflow policy decides: ``block`` the source (nothing
+lost), or drop the newest / oldest frame, replacing it by a gap record so the
+loss is counted and visible downstream, never silent.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from . import message as m
+from .engine import Engine, Health
+from .sources import FrameSource
+from .transport import BadPeerMessage, Peer, bind_socket, key_of, key_tuple, receive, send
+
+
+class OverflowPolicy(str, enum.Enum):
+    BLOCK = "block"
+    DROP_NEWEST = "drop_newest"
+    DROP_OLDEST = "drop_oldest"
+
+
+class ScanError(RuntimeError):
+    """A scan command that does not fit the master's state (named in the message)."""
+
+
+@dataclass(eq=False)
+class WorkItem:
+    msg: m.Message
+    groups_left: set[str]
+    nbytes: int
+    acquired: float = field(default_factory=time.time)
+    in_flight: int = 0  # how many workers hold it now
+    key: tuple = ()
+
+
+class MasterEngine(Engine):
+    """Queue and credit dispatcher; see the module docstring."""
+
+    def __init__(
+        self,
+        source: FrameSource,
+        *,
+        name: str = "master",
+        groups: Iterable[str] = ("main",),
+        bind: str = "127.0.0.1",
+        port: int = 0,
+        queue_capacity: int = 64,
+        queue_bytes: int = 2 << 30,
+        overflow_policy: str = "block",
+        heartbeat_timeout_s: float = 3.0,
+        stream: str = "raw",
+        context: zmq.Context | None = None,
+    ):
+        super().__init__(name, context)
+        try:
+            self.policy = OverflowPolicy(overflow_policy)
+        except ValueError:
+            choices = ", ".join(p.value for p in OverflowPolicy)
+            raise ValueError(f"OverflowPolicy {overflow_policy!r} is not one of {choices}") from None
+        if queue_capacity < 1:
+            raise ValueError(f"QueueCapacity must be >= 1, got {queue_capacity}")
+        self.groups = list(dict.fromkeys(groups))
+        if not self.groups:
+            raise ValueError("the master needs at least one worker group")
+        self.source = source
+        self.bind, self.port = bind, port
+        self.queue_capacity = queue_capacity
+        self.queue_bytes = queue_bytes
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.stream = stream
+        self.endpoint = ""
+        self._cond = threading.Condition()
+        self._pending: dict[str, deque[WorkItem]] = {g: deque() for g in self.groups}
+        self._held: OrderedDict[tuple, WorkItem] = OrderedDict()
+        self._held_frames = 0
+        self._held_bytes = 0
+        self.peers: dict[bytes, Peer] = {}
+        self.redispatched = 0
+        self.lost_workers = 0
+        self.dispatched = 0
+        self.scan_id: int | str | None = None
+        self.scan_meta: dict[str, Any] = {}
+        self.scan_frames = 0
+        self.scan_expected = 0
+        self.scan_dropped = 0
+        self._last_scan = 0
+        self._scan_open = False
+        self._closing = False
+        self._source_thread: threading.Thread | None = None
+        self._sock: zmq.Socket | None = None
+        self._source_error = ""
+
+    # -- control (any thread) ------------------------------------------------------------
+    def setup(self) -> None:
+        self._sock, self.endpoint = bind_socket(self.context, zmq.ROUTER, self.bind, self.port)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.set_health(Health.ON, f"Idle; waiting for StartScan; workers connect to {self.endpoint}")
+
+    def bind_now(self) -> str:
+        """Start the loop and wait until the data endpoint is bound; return it."""
+        self.start()
+        deadline = time.monotonic() + 5
+        while not self.endpoint and self.health is not Health.FAULT and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.endpoint
+
+    def start_scan(self, meta: Mapping[str, Any] | None = None) -> int | str:
+        """Open a scan and start acquiring from the source; returns the scan id."""
+        meta = dict(meta or {})
+        with self._cond:
+            if self._scan_open:
+                raise ScanError(f"scan {self.scan_id} is still open; send EndScan first")
+            scan_id = meta.get("scan_id", self._last_scan + 1)
+            if isinstance(scan_id, bool) or not isinstance(scan_id, int | str):
+                raise ScanError(f"scan_id {scan_id!r} must be an integer or a string")
+            if isinstance(scan_id, int):
+                self._last_scan = max(self._last_scan, scan_id)
+            expected = meta.get("frames", 0)
+            if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+                raise ScanError(f"frames {expected!r} must be a non-negative integer")
+            self.scan_id, self.scan_meta = scan_id, meta
+            self.scan_frames = self.scan_dropped = 0
+            self.scan_expected = expected
+            self._scan_open = True
+            self._source_error = ""
+            self.stats.reset_scan()
+            start = m.Message(m.SCAN_START, scan=scan_id, stream=self.stream, meta=meta)
+            start.meta["source"] = self.source.describe()
+            self._enqueue(start.stamp("master"), count=False)
+        self._source_thread = threading.Thread(
+            target=self._acquire, args=(scan_id, meta), name=f"{self.name}-source", daemon=True
+        )
+        self._source_thread.start()
+        self.set_health(Health.RUNNING, f"Scan {scan_id} running")
+        self.emit("scan_started", scan_id)
+        return scan_id
+
+    def end_scan(self, timeout: float = 2.0) -> int:
+        """Stop acquiring and close the scan; returns the number of frames acquired."""
+        with self._cond:
+            if not self._scan_open:
+                raise ScanError("no scan is open; send StartScan first")
+        self.source.stop()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        thread = self._source_thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise ScanError(f"the source did not stop within {timeout} s; try EndScan again")
+        with self._cond:
+            end = m.Message(m.SCAN_END, scan=self.scan_id, stream=self.stream, body={"frames": self.scan_frames})
+            end.meta = {"frames": self.scan_frames, "dropped": self.scan_dropped, "expected": self.scan_expected}
+            self._enqueue(end.stamp("master"), count=False)
+            self._scan_open = False
+            self._closing = False
+            frames = self.scan_frames
+        self.set_health(Health.ON, f"Scan {self.scan_id} ended after {frames} frames; idle")
+        self.emit("scan_ended", (self.scan_id, frames))
+        return frames
+
+    @property
+    def scan_open(self) -> bool:
+        return self._scan_open
+
+    @property
+    def acquiring(self) -> bool:
+        return self._source_thread is not None and self._source_thread.is_alive()
+
+    # -- source thread -------------------------------------------------------------------
+    def _acquire(self, scan_id: int | str, meta: dict[str, Any]) -> None:
+        try:
+            for index, (array, frame_meta) in enumerate(self.source.frames(meta)):
+                msg = m.Message(m.FRAME, scan=scan_id, index=index, stream=self.stream, meta=frame_meta)
+                msg.arrays["data"] = array
+                msg.stamp("acquired")
+                self.stats.count_in(array.nbytes)
+                with self._cond:
+                    self.scan_frames = index + 1
+                    self._enqueue(msg, count=True)
+                    if not self._scan_open:
+                        return
+        except Exception as exc:  # a broken source is reported, the scan can still be ended
+            self.log.exception("source failed")
+            self._source_error = f"source failed: {exc}"
+            self.set_health(Health.FAULT, f"Scan {scan_id}: {self._source_error}; EndScan, fix the source, retry")
+
+    def _enqueue(self, msg: m.Message, count: bool) -> None:
+        """Add a work item (caller holds the condition); apply the overflow policy to frames."""
+        nbytes = msg.nbytes()
+        if count:
+            while self._held_frames >= self.queue_capacity or self._held_bytes + nbytes > self.queue_bytes:
+                if self.policy is OverflowPolicy.BLOCK:
+                    if self._closing:  # EndScan: accept the frame in hand rather than lose it
+                        break
+                    self._cond.wait(0.1)
+                    continue
+                victim = self._oldest_undispatched() if self.policy is OverflowPolicy.DROP_OLDEST else None
+                if victim is None:  # drop_newest, or nothing old is still droppable
+                    msg = self._as_gap(msg, "dropped by overflow policy (queue full)")
+                    nbytes = 0
+                    count = False
+                else:
+                    self._release_bytes(victim)
+                    victim.msg = self._as_gap(victim.msg, "dropped by overflow policy (queue full)")
+                    victim.nbytes = 0
+                self.stats.dropped += 1
+                self.scan_dropped += 1
+                if self.health is not Health.FAULT:
+                    self.set_health(
+                        Health.ALARM,
+                        f"Scan {self.scan_id}: {self.stats.dropped} frames dropped by OverflowPolicy "
+                        f"{self.policy.value}; workers are too slow: add workers or use 'block'",
+                    )
+                if not count:
+                    break
+        item = WorkItem(msg, set(self.groups), nbytes, msg.times.get("acquired", time.time()))
+        item.key = tuple(key_of(msg))
+        self._held[item.key] = item
+        if msg.kind == m.FRAME:
+            self._held_frames += 1
+            self._held_bytes += nbytes
+        for group in self.groups:
+            self._pending[group].append(item)
+
+    def _oldest_undispatched(self) -> WorkItem | None:
+        for item in self._held.values():
+            if item.msg.kind == m.FRAME and item.in_flight == 0 and len(item.groups_left) == len(self.groups):
+                return item
+        return None
+
+    @staticmethod
+    def _as_gap(msg: m.Message, reason: str) -> m.Message:
+        return m.Message(m.GAP, scan=msg.scan, index=msg.index, stream=msg.stream, body={"reason": reason})
+
+    def _release_bytes(self, item: WorkItem) -> None:
+        if item.msg.kind == m.FRAME:
+            self._held_frames -= 1
+            self._held_bytes -= item.nbytes
+            self._cond.notify_all()
+
+    # -- loop thread ---------------------------------------------------------------------
+    def step(self) -> None:
+        assert self._sock is not None
+        if self._sock.poll(self.POLL_MS, zmq.POLLIN):
+            for _ in range(1000):
+                try:
+                    identity, msg = receive(self._sock, routed=True, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except BadPeerMessage as exc:
+                    self.stats.bad.record(exc.reason, exc.detail)
+                    continue
+                self._handle(identity, msg)
+        self._check_peers()
+        self._dispatch()
+
+    def _handle(self, identity: bytes | None, msg: m.Message) -> None:
+        assert identity is not None
+        peer = self.peers.get(identity)
+        if msg.kind == m.HELLO:
+            name, group, credit = msg.body.get("name"), msg.body.get("group"), msg.body.get("credit")
+            if group not in self._pending:
+                self.stats.bad.record("unknown_group", f"worker {name!r} is in group {group!r}, not {self.groups}")
+                return
+            if not isinstance(credit, int) or not 0 < credit <= 1024 or not isinstance(name, str):
+                self.stats.bad.record("bad_hello", f"hello from {identity!r}: {msg.body}")
+                return
+            if peer is not None:
+                self._requeue(peer, "said hello again")
+            self.peers[identity] = Peer(identity, name, group, credit)
+            self.log.info("worker %s joined group %s with credit %d", name, group, credit)
+            self.emit("workers", self.worker_names())
+            return
+        if peer is None:
+            if msg.kind in (m.CREDIT, m.HEARTBEAT):  # a worker from before a master restart
+                try:
+                    send(self._sock, m.control(m.HELLO, again=True), identity, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            else:
+                self.stats.bad.record("unknown_peer", f"{msg.kind} from unknown peer {identity!r}")
+            return
+        peer.last_seen = time.monotonic()
+        if msg.kind == m.CREDIT:
+            self._acknowledge(peer, msg)
+        elif msg.kind == m.BYE:
+            self._requeue(peer, "left")
+            del self.peers[identity]
+            self.emit("workers", self.worker_names())
+        elif msg.kind != m.HEARTBEAT:
+            self.stats.bad.record("unexpected_kind", f"{msg.kind} from worker {peer.name}")
+
+    def _acknowledge(self, peer: Peer, msg: m.Message) -> None:
+        n, done = msg.body.get("n", 0), msg.body.get("done", [])
+        if not isinstance(n, int) or not 0 <= n <= 1024 or not isinstance(done, list):
+            self.stats.bad.record("bad_credit", f"credit from {peer.name}: {str(msg.body)[:80]}")
+            return
+        now = time.time()
+        with self._cond:
+            for raw in done:
+                try:
+                    key = key_tuple(raw)
+                except m.BadMessage as exc:
+                    self.stats.bad.record(exc.reason, exc.detail)
+                    continue
+                item = peer.in_flight.pop(key, None)
+                if item is None:
+                    continue  # already re-dispatched after a timeout: the sorter drops the duplicate
+                item.in_flight -= 1
+                peer.done += 1
+                item.groups_left.discard(peer.group)
+                if item.msg.kind == m.FRAME:
+                    self.stats.latency.add(now - item.acquired)
+                if not item.groups_left:
+                    self._held.pop(item.key, None)
+                    self._release_bytes(item)
+            peer.credit += n
+
+    def _requeue(self, peer: Peer, why: str) -> None:
+        if not peer.in_flight:
+            return
+        with self._cond:
+            items = list(peer.in_flight.values())
+            for item in reversed(items):
+                item.in_flight -= 1
+                self._pending[peer.group].appendleft(item)
+            peer.in_flight.clear()
+            self.redispatched += len(items)
+        self.log.warning("worker %s %s: %d items dispatched again", peer.name, why, len(items))
+        self.emit("redispatched", (peer.name, len(items)))
+
+    def _check_peers(self) -> None:
+        now = time.monotonic()
+        for identity, peer in list(self.peers.items()):
+            if now - peer.last_seen > self.heartbeat_timeout_s:
+                self.lost_workers += 1
+                self._requeue(peer, f"silent for {now - peer.last_seen:.1f} s (lost)")
+                del self.peers[identity]
+                self.emit("workers", self.worker_names())
+
+    def _dispatch(self) -> None:
+        assert self._sock is not None
+        with self._cond:
+            for group, pending in self._pending.items():
+                while pending:
+                    peer = self._best_peer(group)
+                    if peer is None:
+                        break
+                    item = pending[0]
+                    try:
+                        send(self._sock, item.msg, peer.identity, zmq.NOBLOCK)
+                    except zmq.ZMQError:  # peer gone or its pipe full: try again next turn
+                        peer.credit = 0
+                        break
+                    pending.popleft()
+                    peer.credit -= 1
+                    peer.sent += 1
+                    peer.in_flight[tuple(key_of(item.msg))] = item
+                    item.in_flight += 1
+                    if item.msg.kind == m.FRAME:
+                        self.dispatched += 1
+                        self.stats.count_out()
+
+    def _best_peer(self, group: str) -> Peer | None:
+        best = None
+        for peer in self.peers.values():
+            if peer.group == group and peer.credit > 0 and (best is None or peer.credit > best.credit):
+                best = peer
+        return best
+
+    def teardown(self) -> None:
+        self.source.stop()
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    # -- views ---------------------------------------------------------------------------
+    def worker_names(self) -> list[str]:
+        return sorted(p.name for p in self.peers.values())
+
+    def counters(self) -> dict[str, Any]:
+        c = self.stats.snapshot()
+        with self._cond:
+            queued = sum(
+                1 for g in self.groups for item in self._pending[g] if item.msg.kind == m.FRAME
+            )
+            c.update(
+                QueueDepth=self._held_frames,
+                QueueCapacity=self.queue_capacity,
+                QueuedBytes=self._held_bytes,
+                Undispatched=queued,
+                InFlight=sum(len(p.in_flight) for p in self.peers.values()),
+                Workers=len(self.peers),
+                Redispatched=self.redispatched,
+                LostWorkers=self.lost_workers,
+                ScanFrames=self.scan_frames,
+            )
+        return c

@@ -1,0 +1,362 @@
+"""The sorter: fan in results from any number of workers, restore acquisition order.
+
+:class:`ReorderBuffer` is the ordering logic alone (no sockets): for each scan it
+emits the scan start, then indices 0, 1, 2... in order, then the scan end once
+every index up to the scan's frame count was emitted. Duplicates (from frames
+dispatched twice) are dropped and counted. An index still missing when the
+window is full or after the gap timeout becomes a gap record, counted, and the
+flow moves on. :class:`SorterEngine` wires it to sockets: workers PUSH results to
+its collect endpoint; consumers (sink, writers) take the ordered stream from its
+data endpoint through credit links, every consumer every message, and a consumer
+without credit holds the sorter back (backpressure), never a drop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from . import message as m
+from .engine import Engine, Health
+from .transport import BadPeerMessage, Peer, bind_socket, receive, send
+
+
+@dataclass
+class _ScanOrder:
+    scan: int | str
+    stream: str = ""
+    start: m.Message | None = None
+    started: bool = False
+    next_index: int = 0
+    buffer: dict[int, m.Message] = field(default_factory=dict)
+    end: m.Message | None = None
+    total: int | None = None
+    head_since: float = field(default_factory=time.monotonic)
+
+
+class ReorderBuffer:
+    """Restore order per scan within a bounded window; see the module docstring."""
+
+    def __init__(self, window: int = 256, gap_timeout_s: float = 10.0, remember_scans: int = 64):
+        if window < 1:
+            raise ValueError(f"ReorderWindow must be >= 1, got {window}")
+        self.window = window
+        self.gap_timeout_s = gap_timeout_s
+        self._scans: OrderedDict[int | str, _ScanOrder] = OrderedDict()
+        self._finished: deque[int | str] = deque(maxlen=remember_scans)
+        self.duplicates = 0
+        self.late = 0
+        self.missing = 0
+        self.missing_indices: deque[tuple[int | str, int]] = deque(maxlen=1000)
+        self.emitted = 0
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(s.buffer) for s in self._scans.values())
+
+    def push(self, msg: m.Message, now: float | None = None) -> list[m.Message]:
+        """Take one data message; return the messages now ready, in order."""
+        now = time.monotonic() if now is None else now
+        if msg.scan in self._finished:
+            self.duplicates += 1
+            return []
+        order = self._scans.get(msg.scan)
+        if order is None:
+            order = self._scans[msg.scan] = _ScanOrder(msg.scan, msg.stream, head_since=now)
+        if msg.kind == m.SCAN_START:
+            if order.start is not None or order.started:
+                self.duplicates += 1
+                return []
+            order.start = msg
+        elif msg.kind == m.SCAN_END:
+            if order.end is not None:
+                self.duplicates += 1
+                return []
+            total = msg.body.get("frames")
+            order.total = total if isinstance(total, int) and total >= 0 else order.next_index + len(order.buffer)
+            order.end = msg
+        else:
+            index = msg.index
+            assert index is not None
+            if index < order.next_index:
+                self.late += 1
+                return []
+            if index in order.buffer or (order.total is not None and index >= order.total):
+                self.duplicates += 1
+                return []
+            order.buffer[index] = msg
+        return self._drain(now)
+
+    def expire(self, now: float | None = None) -> list[m.Message]:
+        """Emit gaps for indices missing past the timeout; call periodically."""
+        now = time.monotonic() if now is None else now
+        out: list[m.Message] = []
+        while self._scans:
+            order = next(iter(self._scans.values()))
+            waiting = order.buffer or order.end is not None
+            if not (order.started or order.start) or not waiting or now - order.head_since < self.gap_timeout_s:
+                break
+            if not order.started and order.start is None:
+                break
+            out.extend(self._gap(order, now, f"no result within {self.gap_timeout_s:g} s"))
+            out.extend(self._drain(now))
+        return out
+
+    def _gap(self, order: _ScanOrder, now: float, reason: str) -> list[m.Message]:
+        index = order.next_index
+        self.missing += 1
+        self.missing_indices.append((order.scan, index))
+        order.next_index += 1
+        order.head_since = now
+        body = {"reason": reason, "by": "sorter"}
+        return [m.Message(m.GAP, scan=order.scan, index=index, stream=order.stream, body=body)]
+
+    def _drain(self, now: float) -> list[m.Message]:
+        out: list[m.Message] = []
+        while self._scans:
+            order = next(iter(self._scans.values()))
+            if not order.started:
+                if order.start is None:
+                    break
+                out.append(order.start)
+                order.started = True
+                order.head_since = now
+            while order.next_index in order.buffer:
+                msg = order.buffer.pop(order.next_index)
+                if msg.kind == m.GAP:
+                    self.missing += 1
+                    self.missing_indices.append((order.scan, order.next_index))
+                out.append(msg)
+                order.next_index += 1
+                order.head_since = now
+            if order.total is not None and order.next_index >= order.total and not order.buffer:
+                assert order.end is not None
+                out.append(order.end)
+                self._finished.append(order.scan)
+                del self._scans[order.scan]
+                continue
+            if len(order.buffer) >= self.window:
+                out.extend(self._gap(order, now, f"reorder window of {self.window} full"))
+                continue
+            break
+        self.emitted += len(out)
+        return out
+
+
+class SorterEngine(Engine):
+    """Sockets around a :class:`ReorderBuffer`; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "sorter",
+        bind: str = "127.0.0.1",
+        collect_port: int = 0,
+        data_port: int = 0,
+        window: int = 256,
+        gap_timeout_s: float = 10.0,
+        outbox_capacity: int = 64,
+        consumer_timeout_s: float = 5.0,
+        context: zmq.Context | None = None,
+    ):
+        super().__init__(name, context)
+        self.reorder = ReorderBuffer(window, gap_timeout_s)
+        self.bind = bind
+        self.ports = (collect_port, data_port)
+        self.outbox_capacity = outbox_capacity
+        self.consumer_timeout_s = consumer_timeout_s
+        self.collect_endpoint = ""
+        self.endpoint = ""
+        self.consumers: dict[bytes, Peer] = {}
+        self._outboxes: dict[bytes, deque[m.Message]] = {}
+        self.undelivered = 0
+        self._pull: zmq.Socket | None = None
+        self._router: zmq.Socket | None = None
+        self._last_expire = 0.0
+
+    def setup(self) -> None:
+        self._pull, self.collect_endpoint = bind_socket(self.context, zmq.PULL, self.bind, self.ports[0])
+        self._pull.rcvhwm = 16
+        self._router, self.endpoint = bind_socket(self.context, zmq.ROUTER, self.bind, self.ports[1])
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.set_health(Health.ON, "Idle; no consumer connected yet")
+
+    def bind_now(self) -> str:
+        self.start()
+        deadline = time.monotonic() + 5
+        while not self.endpoint and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.endpoint
+
+    def _backlog(self) -> int:
+        return max((len(q) for q in self._outboxes.values()), default=0)
+
+    def step(self) -> None:
+        assert self._pull is not None and self._router is not None
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        accepting = bool(self.consumers) and self._backlog() < self.outbox_capacity
+        if accepting:
+            poller.register(self._pull, zmq.POLLIN)
+        events = dict(poller.poll(self.POLL_MS))
+        if self._router in events:
+            self._serve_consumers()
+        if self._pull in events:
+            self._collect()
+        now = time.monotonic()
+        if now - self._last_expire > 0.2:
+            self._last_expire = now
+            self._deliver(self.reorder.expire(now))
+            self._drop_silent_consumers(now)
+            self._update_health()
+        self._send_all()
+
+    def _collect(self) -> None:
+        assert self._pull is not None
+        for _ in range(64):
+            if self._backlog() >= self.outbox_capacity:
+                return
+            try:
+                _, msg = receive(self._pull, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except BadPeerMessage as exc:
+                self.stats.bad.record(exc.reason, exc.detail)
+                continue
+            if msg.kind not in m.DATA_KINDS or msg.kind == m.FRAME:
+                self.stats.bad.record("unexpected_kind", f"{msg.kind} on the collect port")
+                continue
+            if msg.kind == m.RESULT:
+                self.stats.count_in(msg.nbytes())
+            if msg.kind == m.SCAN_START:
+                self.stats.reset_scan()
+            self._deliver(self.reorder.push(msg.stamp(self.name)))
+
+    def _deliver(self, ready: list[m.Message]) -> None:
+        now = time.time()
+        for msg in ready:
+            if msg.kind == m.RESULT:
+                self.stats.count_out()
+                acquired = msg.times.get("acquired")
+                if acquired:
+                    self.stats.latency.add(now - acquired)
+            for outbox in self._outboxes.values():
+                outbox.append(msg)
+            self.emit("ordered", msg)
+
+    def _send_all(self) -> None:
+        assert self._router is not None
+        for identity, outbox in self._outboxes.items():
+            peer = self.consumers[identity]
+            while outbox and peer.credit > 0:
+                try:
+                    send(self._router, outbox[0], identity, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
+                outbox.popleft()
+                peer.credit -= 1
+                peer.sent += 1
+
+    def _serve_consumers(self) -> None:
+        assert self._router is not None
+        for _ in range(256):
+            try:
+                identity, msg = receive(self._router, routed=True, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except BadPeerMessage as exc:
+                self.stats.bad.record(exc.reason, exc.detail)
+                continue
+            assert identity is not None
+            peer = self.consumers.get(identity)
+            if msg.kind == m.HELLO:
+                name, credit = msg.body.get("name"), msg.body.get("credit")
+                if not isinstance(name, str) or not isinstance(credit, int) or not 0 < credit <= 1024:
+                    self.stats.bad.record("bad_hello", f"hello {str(msg.body)[:80]}")
+                    continue
+                if peer is None:
+                    self.consumers[identity] = Peer(identity, name, credit=credit)
+                    self._outboxes[identity] = deque()
+                    self.log.info("consumer %s connected with credit %d", name, credit)
+                    self.emit("consumers", self.consumer_names())
+                else:
+                    peer.credit = credit
+            elif peer is None:
+                if msg.kind in (m.CREDIT, m.HEARTBEAT):
+                    try:
+                        send(self._router, m.control(m.HELLO, again=True), identity, zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                else:
+                    self.stats.bad.record("unknown_peer", f"{msg.kind} from an unknown consumer")
+            elif msg.kind == m.CREDIT:
+                n = msg.body.get("n", 0)
+                if not isinstance(n, int) or not 0 <= n <= 1024:
+                    self.stats.bad.record("bad_credit", f"credit {str(msg.body)[:80]} from {peer.name}")
+                    continue
+                peer.credit += n
+                peer.done += n
+                peer.last_seen = time.monotonic()
+            elif msg.kind == m.HEARTBEAT:
+                peer.last_seen = time.monotonic()
+            elif msg.kind == m.BYE:
+                self._remove(identity, "left")
+            else:
+                self.stats.bad.record("unexpected_kind", f"{msg.kind} from consumer {peer.name}")
+
+    def _remove(self, identity: bytes, why: str) -> None:
+        peer = self.consumers.pop(identity)
+        lost = self._outboxes.pop(identity)
+        if lost:
+            self.undelivered += len(lost)
+            indices = [(x.scan, x.index) for x in lost if x.kind == m.RESULT]
+            self.log.error("consumer %s %s with %d undelivered messages: %s", peer.name, why, len(lost), indices[:50])
+        else:
+            self.log.info("consumer %s %s", peer.name, why)
+        self.emit("consumers", self.consumer_names())
+
+    def _drop_silent_consumers(self, now: float) -> None:
+        for identity, peer in list(self.consumers.items()):
+            if now - peer.last_seen > self.consumer_timeout_s:
+                self._remove(identity, f"silent for {now - peer.last_seen:.1f} s")
+
+    def _update_health(self) -> None:
+        if self.health is Health.FAULT:
+            return
+        if self.reorder.missing:
+            self.set_health(
+                Health.ALARM,
+                f"{self.reorder.missing} frames missing (gap records sent); last {self.reorder.missing_indices[-1]}",
+            )
+        elif not self.consumers:
+            self.set_health(Health.ON, "No consumer connected: results are held (start the sink/writer)")
+        elif self.reorder.buffered or self._backlog():
+            self.set_health(Health.RUNNING, f"Sorting; {len(self.consumers)} consumers")
+        else:
+            self.set_health(Health.ON, f"Idle; {len(self.consumers)} consumers connected")
+
+    def teardown(self) -> None:
+        for sock in (self._pull, self._router):
+            if sock is not None:
+                sock.close(0)
+
+    def consumer_names(self) -> list[str]:
+        return sorted(p.name for p in self.consumers.values())
+
+    def counters(self) -> dict[str, Any]:
+        c = self.stats.snapshot()
+        c.update(
+            QueueDepth=self.reorder.buffered,
+            QueueCapacity=self.reorder.window,
+            Backlog=self._backlog(),
+            MissingFrames=self.reorder.missing,
+            Duplicates=self.reorder.duplicates,
+            LateResults=self.reorder.late,
+            Consumers=len(self.consumers),
+            Undelivered=self.undelivered,
+        )
+        return c

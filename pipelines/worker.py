@@ -1,0 +1,251 @@
+"""The worker: take frames from the master by credit, run the step chain, push results.
+
+Two threads: the loop thread owns the sockets (credit link to the master, PUSH to
+the sorter) and keeps heartbeats flowing even while a long computation runs in
+the compute thread. A result is acknowledged to the master only once the sorter
+has taken it, so a worker that dies loses nothing: the master sends its frames
+again. A step that fails on a frame yields a gap record naming the error, so the
+sorter does not wait for a result that will never come.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import message as m
+from .engine import Engine, Health
+from .steps import StepChain
+from .transport import BadPeerMessage, UpstreamLink, key_of, receive, send
+
+
+def split_results(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Separate a step chain's results into arrays and scalars for the wire."""
+    arrays: dict[str, np.ndarray] = {}
+    scalars: dict[str, Any] = {}
+    for name, value in results.items():
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            arrays[name] = value
+        elif isinstance(value, np.ndarray | np.generic):
+            scalars[name] = value.item()
+        elif isinstance(value, bool | int | float | str) or value is None:
+            scalars[name] = value
+        elif isinstance(value, list | tuple):
+            arrays[name] = np.asarray(value)
+        else:
+            raise TypeError(f"result {name!r} is a {type(value).__name__}; return arrays or numbers")
+    return arrays, scalars
+
+
+class WorkerEngine(Engine):
+    """One worker of a group; see the module docstring."""
+
+    def __init__(
+        self,
+        steps: list[Any] | None,
+        *,
+        name: str = "worker",
+        group: str = "main",
+        credit: int = 2,
+        heartbeat_s: float = 0.5,
+        context: zmq.Context | None = None,
+    ):
+        super().__init__(name, context)
+        self.chain = StepChain(steps)
+        self.version = 1
+        self.group = group
+        self.heartbeat_s = heartbeat_s
+        self.link = UpstreamLink(self.context, name, group, credit)
+        self._inbox: queue.Queue[m.Message | None] = queue.Queue()
+        self._outbox: deque[m.Message] = deque()
+        self._outbox_lock = threading.Lock()
+        self._busy = 0  # items received and not yet acknowledged
+        self._wanted: tuple[str, str] | None = None
+        self._connected: tuple[str, str] | None = None
+        self._push: zmq.Socket | None = None
+        self._compute: threading.Thread | None = None
+        self.processing_errors = 0
+        self.last_error = ""
+        self._last_result = 0.0
+
+    # -- control -------------------------------------------------------------------------
+    def connect(self, master_endpoint: str, sorter_endpoint: str) -> None:
+        """Use these upstream/downstream endpoints (reconnects when they change)."""
+        self._wanted = (master_endpoint, sorter_endpoint)
+
+    def reconfigure(self, steps: list[Any]) -> int:
+        """Load a new step chain (validated now); it applies from the next frame on."""
+        chain = StepChain(steps)
+        self.chain = chain
+        self.version += 1
+        self.emit("reconfigured", self.version)
+        return self.version
+
+    # -- loop ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        self._compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
+        self._compute.start()
+        self.set_health(Health.UNKNOWN, "Waiting for the master and sorter endpoints")
+
+    def _reconnect(self) -> None:
+        assert self._wanted is not None
+        master_ep, sorter_ep = self._wanted
+        if self._push is not None:
+            self._push.close(0)
+        self._push = self.context.socket(zmq.PUSH)
+        self._push.linger = 0
+        self._push.sndhwm = 8
+        self._push.connect(sorter_ep)
+        self.link.connect(master_ep, outstanding=self._busy)
+        self._connected = self._wanted
+        self.set_health(Health.ON, f"Connected: frames from {master_ep}, results to {sorter_ep}")
+
+    def step(self) -> None:
+        if self._wanted != self._connected and self._wanted is not None:
+            self._reconnect()
+        if self._connected is None:
+            self._stop.wait(self.POLL_MS / 1000)
+            return
+        assert self.link.sock is not None and self._push is not None
+        poller = zmq.Poller()
+        poller.register(self.link.sock, zmq.POLLIN)
+        if self._outbox:
+            poller.register(self._push, zmq.POLLOUT)
+        events = dict(poller.poll(self.POLL_MS))
+        if self.link.sock in events:
+            self._receive()
+        if self._outbox:
+            self._flush()
+        if self.link.heartbeat_due(self.heartbeat_s):
+            self.link.heartbeat()
+        if self.health is Health.RUNNING and time.monotonic() - self._last_result > 2.0:
+            self.set_health(Health.ON, f"Idle; connected to {self._connected[0]}")
+
+    def _receive(self) -> None:
+        assert self.link.sock is not None
+        for _ in range(100):
+            try:
+                _, msg = receive(self.link.sock, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except BadPeerMessage as exc:
+                self.stats.bad.record(exc.reason, exc.detail)
+                continue
+            if msg.kind == m.HELLO:  # the master restarted and does not know us
+                self.link.hello(outstanding=self._busy)
+            elif msg.kind in m.DATA_KINDS:
+                self._busy += 1
+                if msg.kind == m.FRAME:
+                    self.stats.count_in(msg.nbytes())
+                self._inbox.put(msg)
+            else:
+                self.stats.bad.record("unexpected_kind", f"{msg.kind} from the master")
+
+    def _flush(self) -> None:
+        assert self._push is not None
+        while True:
+            with self._outbox_lock:
+                if not self._outbox:
+                    return
+                msg = self._outbox[0]
+            try:
+                send(self._push, msg, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # sorter busy: keep it, heartbeats go on, the master waits for our credit
+            with self._outbox_lock:
+                self._outbox.popleft()
+            self._busy -= 1
+            done_key = key_of(msg)
+            if msg.kind == m.RESULT:
+                done_key[1] = m.FRAME
+                self.stats.count_out()
+            elif msg.kind == m.GAP and msg.body.get("from_frame"):
+                done_key[1] = m.FRAME
+            self.link.grant(1, [done_key])
+
+    # -- compute thread ------------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if msg is None:
+                return
+            out = self._process(msg)
+            with self._outbox_lock:
+                self._outbox.append(out)
+
+    def _process(self, msg: m.Message) -> m.Message:
+        msg.stream = self.group
+        if msg.kind == m.SCAN_START:
+            msg.meta.setdefault("processing", {})[self.group] = {"steps": self.chain.specs, "version": self.version}
+            return msg.stamp(self.name)
+        if msg.kind != m.FRAME:
+            return msg.stamp(self.name)
+        frame = msg.arrays.get("data")
+        if frame is None:
+            self.stats.bad.record("no_data", f"frame {msg.scan}/{msg.index} has no 'data' buffer")
+            return self._failed(msg, "frame has no data buffer")
+        meta = dict(msg.meta, scan=msg.scan, index=msg.index)
+        chain, version = self.chain, self.version
+        try:
+            arrays, scalars = split_results(chain(frame, meta))
+        except Exception as exc:  # one bad frame must not stop the worker
+            self.processing_errors += 1
+            self.stats.errors += 1
+            self.last_error = f"scan {msg.scan} frame {msg.index}: {exc!r}"
+            if self.processing_errors <= 3 or self.processing_errors % 100 == 0:
+                self.log.error("processing failed (%d so far): %s", self.processing_errors, self.last_error)
+            self.set_health(Health.ALARM, f"{self.processing_errors} frames failed; last: {self.last_error}")
+            return self._failed(msg, f"processing failed: {exc!r}")
+        result = m.Message(
+            m.RESULT,
+            scan=msg.scan,
+            index=msg.index,
+            stream=self.group,
+            arrays=arrays,
+            scalars=scalars,
+            meta=msg.meta,
+            times=msg.times,
+            version=version,
+        )
+        self._last_result = time.monotonic()
+        if self.health is Health.ON:
+            self.set_health(Health.RUNNING, f"Processing scan {msg.scan}")
+        return result.stamp(self.name)
+
+    def _failed(self, msg: m.Message, reason: str) -> m.Message:
+        return m.Message(
+            m.GAP, scan=msg.scan, index=msg.index, stream=self.group, body={"reason": reason, "from_frame": True}
+        ).stamp(self.name)
+
+    def teardown(self) -> None:
+        # finish what was computed, tell the master we leave, then close
+        deadline = time.monotonic() + 1.0
+        while self._outbox and self._push is not None and time.monotonic() < deadline:
+            self._flush()
+            time.sleep(0.01)
+        self.link.bye()
+        time.sleep(0.05)
+        self.link.close()
+        if self._push is not None:
+            self._push.close(0)
+        self._inbox.put(None)
+
+    def counters(self) -> dict[str, Any]:
+        c = self.stats.snapshot()
+        c.update(
+            QueueDepth=self._inbox.qsize() + len(self._outbox),
+            QueueCapacity=self.link.credit,
+            InFlight=self._busy,
+            ProcessingErrors=self.processing_errors,
+            ConfigVersion=self.version,
+        )
+        return c
