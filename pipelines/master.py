@@ -72,7 +72,7 @@ class MasterEngine(Engine):
             choices = ", ".join(p.value for p in OverflowPolicy)
             raise ValueError(f"OverflowPolicy {overflow_policy!r} is not one of {choices}") from None
         if queue_capacity < 1:
-            raise ValueError(f"QueueCapacity must be >= 1, got {queue_capacity}")
+            raise ValueError(f"MaxQueueFrames must be >= 1, got {queue_capacity}")
         self.groups = list(dict.fromkeys(groups))
         if not self.groups:
             raise ValueError("the master needs at least one worker group")

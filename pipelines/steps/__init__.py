@@ -119,19 +119,20 @@ def describe_parameters(factory: Any) -> dict[str, dict[str, Any]]:
     return params
 
 
-def _validate(name: str, factory: Any, params: Mapping[str, Any]) -> None:
+def check_parameters(name: str, factory: Any, params: Mapping[str, Any], what: str = "step") -> None:
+    """Check ``params`` against the keyword-only signature of ``factory``; raise StepConfigError."""
     declared = describe_parameters(factory)
     for key, value in params.items():
         if key not in declared:
             expected = ", ".join(declared) or "no parameters"
-            raise StepConfigError(f"step {name!r}: unknown parameter {key!r}; expected {expected}")
+            raise StepConfigError(f"{what} {name!r}: unknown parameter {key!r}; expected {expected}")
         annotation = declared[key]["type"]
         if not _type_ok(value, annotation):
             type_name = getattr(annotation, "__name__", str(annotation))
-            raise StepConfigError(f"step {name!r}: parameter {key!r} = {value!r} is not a {type_name}")
+            raise StepConfigError(f"{what} {name!r}: parameter {key!r} = {value!r} is not a {type_name}")
     missing = [k for k, d in declared.items() if d["required"] and k not in params]
     if missing:
-        raise StepConfigError(f"step {name!r}: missing required parameter(s) {', '.join(missing)}")
+        raise StepConfigError(f"{what} {name!r}: missing required parameter(s) {', '.join(missing)}")
 
 
 def _split_spec(spec: Any) -> tuple[str, dict[str, Any]]:
@@ -179,7 +180,7 @@ def load_step(spec: Any) -> LoadedStep:
     """Build one step from its pipeline-definition form: ``"name"`` or ``{name: {params}}``."""
     name, params = _split_spec(spec)
     factory = _resolve(name)
-    _validate(name, factory, params)
+    check_parameters(name, factory, params)
     return LoadedStep(name, factory, params)
 
 

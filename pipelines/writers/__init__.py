@@ -62,7 +62,14 @@ class WriterEngine(ConsumerEngine):
         except (ValueError, TypeError):  # e.g. {scan:05} with a string scan id
             name = self.pattern.replace(":05", "").format(**fields)
         directory = Path(start.meta.get("scan_dir") or self.directory)
-        return directory / name
+        path = directory / name
+        n = 1
+        while path.exists():  # never overwrite: a repeated scan id gets a suffix
+            n += 1
+            path = directory / f"{Path(name).stem}_{n}{Path(name).suffix}"
+        if n > 1:
+            self.log.warning("%s exists; writing scan %s to %s", directory / name, scan, path.name)
+        return path
 
     def handle(self, msg: m.Message) -> None:
         if msg.kind == m.SCAN_START:

@@ -1,0 +1,119 @@
+"""PipelineSink: the Tango face of :class:`pipelines.sink.SinkEngine`, and its Lavue stream."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import tango
+from tango.server import attribute, command, device_property, run
+
+from pipelines.engine import Engine
+from pipelines.sink import SinkEngine
+
+from .base import PipelineDevice, counter
+
+
+class PipelineSink(PipelineDevice):
+    """Keeps the latest results in memory, answers queries, feeds Lavue."""
+
+    Upstream = device_property(dtype=str, default_value="", doc="the sorter device this sink takes results from")
+    MemoryLimit = device_property(
+        dtype=int, default_value=1 << 30, doc="bytes of results kept; least recently touched datasets evicted"
+    )
+    LavuePort = device_property(dtype=int, default_value=5555, doc="TCP port of the Lavue stream (-1: no stream)")
+    LavueMaxRateHz = device_property(dtype=float, default_value=10.0, doc="live images per second and topic at most")
+    ImageEventRateHz = device_property(dtype=float, default_value=2.0, doc="LatestImage change events per second at most")
+
+    StoredBytes = counter("StoredBytes", "B", "bytes of results held in memory")
+    Datasets = counter("Datasets", "", "datasets (scan, stream) held")
+    Evictions = counter("Evictions", "", "datasets evicted to stay under MemoryLimit")
+
+    engine: SinkEngine
+
+    def create_engine(self) -> Engine:
+        self.publisher = None
+        self._last_image_event = 0.0
+        if self.LavuePort >= 0:
+            from lavue_bridge import LavuePublisher
+
+            self.publisher = LavuePublisher(self.BindAddress, self.LavuePort, max_rate_hz=self.LavueMaxRateHz)
+        self.set_change_event("LatestImage", True, False)
+        self.set_change_event("LatestScalars", True, False)
+        return SinkEngine(name=self.get_name(), memory_limit=self.MemoryLimit, publisher=self.publisher)
+
+    def delete_device(self) -> None:
+        super().delete_device()
+        if getattr(self, "publisher", None) is not None:
+            self.publisher.close()
+            self.publisher = None
+
+    def upstreams(self) -> list[tuple[str, str, str]]:
+        return [("Upstream", self.Upstream, "DataEndpoint")]
+
+    def connect_upstream(self, endpoints: list[str]) -> None:
+        self.engine.connect(endpoints[0])
+
+    def event_attributes(self) -> list[str]:
+        return [*super().event_attributes(), "StoredBytes", "Datasets", "Evictions", "LatestIndex"]
+
+    def extra_event_value(self, name: str) -> Any:
+        if name == "LatestIndex":
+            return self.read_LatestIndex()
+        return None
+
+    def _push_events(self) -> None:
+        super()._push_events()
+        now = time.monotonic()
+        if self.ImageEventRateHz > 0 and now - self._last_image_event >= 1.0 / self.ImageEventRateHz:
+            latest = self.engine.latest() if self.engine else None
+            if latest is not None and latest.index != getattr(self, "_image_event_index", None):
+                self._last_image_event = now
+                self._image_event_index = latest.index
+                try:
+                    self.push_change_event("LatestImage", self.read_LatestImage())
+                    self.push_change_event("LatestScalars", self.read_LatestScalars())
+                except tango.DevFailed:
+                    pass
+
+    # -- latest results ------------------------------------------------------------------
+    @attribute(
+        dtype=((np.float32,),), max_dim_x=8192, max_dim_y=8192, doc="newest image-like result (first 2D array)"
+    )
+    def LatestImage(self) -> np.ndarray:
+        image = self.engine.latest_image() if self.engine else None
+        return np.zeros((0, 0), np.float32) if image is None else image.astype(np.float32, copy=False)
+
+    @attribute(dtype=str, doc="scalar results of the newest frame, JSON: {name: value}")
+    def LatestScalars(self) -> str:
+        latest = self.engine.latest() if self.engine else None
+        if latest is None:
+            return "{}"
+        return json.dumps({"scan": latest.scan, "index": latest.index, **latest.scalars})
+
+    @attribute(dtype=int, doc="acquisition index of the newest result (-1: none yet)")
+    def LatestIndex(self) -> int:
+        latest = self.engine.latest() if self.engine else None
+        return -1 if latest is None or latest.index is None else latest.index
+
+    @attribute(dtype=str, doc="Lavue address host:port (lavue -s zmq -c HOST:PORT/TOPIC)")
+    def LavueAddress(self) -> str:
+        return self.publisher.address if self.publisher is not None else ""
+
+    @attribute(dtype=(str,), max_dim_x=256, doc="Lavue topics (one per image-like result)")
+    def LavueTopics(self) -> list[str]:
+        return list(self.engine.topics) if self.engine else []
+
+    @command(dtype_out=str, doc_out="datasets held: [{scan, stream, frames, gaps, bytes}], JSON")
+    def ListDatasets(self) -> str:
+        return json.dumps(self.engine.call(self.engine.store.describe), default=str)
+
+
+def main(args: list[str] | None = None) -> None:
+    run((PipelineSink,), args=args)
+
+
+if __name__ == "__main__":
+    main()
