@@ -75,7 +75,9 @@ def load_array(spec: str | Path, base: str | Path | None = None) -> np.ndarray:
             if dataset not in h5 or not isinstance(h5[dataset], h5py.Dataset):
                 raise ValueError(f"{str(path)!r} has no dataset {dataset!r}")
             return h5[dataset][()]
-    raise ValueError(f"calibration file {str(path)!r}: unknown type {suffix!r}; expected .npy, .tif or .h5::/dataset")
+    raise ValueError(
+        f"calibration file {str(path)!r}: unknown type {suffix!r}; expected .npy, .tif or .h5::/dataset"
+    )
 
 
 def load_mask(spec: str | Path | list, base: str | Path | None = None) -> np.ndarray:
@@ -140,7 +142,9 @@ def _parse_index(folder: Path, data: Any) -> dict[str, list[Entry]]:
                 and (scans[1] is None or (isinstance(scans[1], int) and scans[1] >= scans[0]))
             )
             if not ok:
-                raise ValueError(f"{where}: {kind} entry {item!r} must be {{file: name, scans: [first, last or null]}}")
+                raise ValueError(
+                    f"{where}: {kind} entry {item!r} must be {{file: name, scans: [first, last or null]}}"
+                )
             parsed.append(Entry(kind, item["file"], scans[0], scans[1]))
         parsed.sort(key=lambda e: e.first)
         for before, after in zip(parsed, parsed[1:], strict=False):
@@ -196,7 +200,9 @@ class CalibrationStore:
             if item.covers(number):
                 return item
         ranges = ", ".join(f"{e.file} [{e.first}, {e.last}]" for e in items)
-        raise LookupError(f"calibration folder {str(self.folder)!r}: no {kind} valid for scan {number} ({ranges})")
+        raise LookupError(
+            f"calibration folder {str(self.folder)!r}: no {kind} valid for scan {number} ({ranges})"
+        )
 
     def load(self, entry: Entry) -> np.ndarray:
         """The array of ``entry`` (masks as bool, True = bad), read once and kept."""

@@ -50,6 +50,7 @@ class ReorderBuffer:
         self._finished: deque[int | str] = deque(maxlen=remember_scans)
         self.duplicates = 0
         self.late = 0
+        self.missing_starts = 0
         self.missing = 0
         self.missing_indices: deque[tuple[int | str, int]] = deque(maxlen=1000)
         self.emitted = 0
@@ -98,10 +99,15 @@ class ReorderBuffer:
         while self._scans:
             order = next(iter(self._scans.values()))
             waiting = order.buffer or order.end is not None
-            if not (order.started or order.start) or not waiting or now - order.head_since < self.gap_timeout_s:
+            if not waiting or now - order.head_since < self.gap_timeout_s:
                 break
-            if not order.started and order.start is None:
-                break
+            if not order.started and order.start is None:  # the start itself never came
+                self.missing_starts += 1
+                order.start = m.Message(
+                    m.SCAN_START, scan=order.scan, stream=order.stream, meta={"start_missing": True}
+                )
+                out.extend(self._drain(now))
+                continue
             out.extend(self._gap(order, now, f"no result within {self.gap_timeout_s:g} s"))
             out.extend(self._drain(now))
         return out

@@ -16,6 +16,7 @@ import numpy as np
 #: source kind -> "module:class"
 SOURCES: dict[str, str] = {
     "simulator": "pipelines.sources.simulator:SimulatedDetector",
+    "eiger": "pipelines.sources.eiger:EigerStreamSource",
 }
 
 

@@ -40,6 +40,16 @@ StepFunction = Callable[[np.ndarray, dict], Results]
 BUILTIN_STEPS: dict[str, str] = {
     "passthrough": "pipelines.steps.basic:passthrough",
     "roi_stats": "pipelines.steps.basic:roi_stats",
+    "calibration": "pipelines.steps.calibration:Calibration",
+    "roi": "pipelines.steps.roi:RoiStatistics",
+    "binning": "pipelines.steps.binning:Binning",
+    "photon_count": "pipelines.steps.photon:PhotonCount",
+    "threshold": "pipelines.steps.photon:Threshold",
+    "hit_finder": "pipelines.steps.hits:HitFinder",
+    "centre_of_mass": "pipelines.steps.dpc:CentreOfMass",
+    "xrf": "pipelines.steps.xrf:XrfSpectrum",
+    "map_position": "pipelines.steps.maps:map_position",
+    "sinogram_rows": "pipelines.steps.tomo:sinogram_rows",
 }
 
 

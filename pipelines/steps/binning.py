@@ -79,7 +79,9 @@ class Binning:
     steps after this one (e.g. bin first, then integrate or find peaks).
     """
 
-    def __init__(self, *, factor: int | list = 2, mode: Literal["sum", "mean"] = "sum", output: str = "binned"):
+    def __init__(
+        self, *, factor: int | list = 2, mode: Literal["sum", "mean"] = "sum", output: str = "binned"
+    ):
         if mode not in ("sum", "mean"):
             raise ValueError(f"binning: mode = {mode!r}; expected sum or mean")
         self.factor = _factors(factor)

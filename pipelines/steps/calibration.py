@@ -144,7 +144,9 @@ class Calibration:
             and len(panel_shape) == 2
             and all(isinstance(n, int) and n > 0 for n in panel_shape)
         ):
-            raise ValueError(f"calibration: panel_shape = {panel_shape!r}; expected [rows, cols] of positive ints")
+            raise ValueError(
+                f"calibration: panel_shape = {panel_shape!r}; expected [rows, cols] of positive ints"
+            )
         if isinstance(gain, int | float) and gain <= 0:
             raise ValueError(f"calibration: gain = {gain!r}; expected a positive number (ADU per unit)")
         self.explicit = {

@@ -64,7 +64,9 @@ def roi_stats_kernel(frame, r0, c0, member):
     return n, total, mean, np.sqrt(squares.sum() / n), lows.min(), highs.max()
 
 
-def roi_stats_reference(frame: np.ndarray, selection: np.ndarray) -> tuple[int, float, float, float, float, float]:
+def roi_stats_reference(
+    frame: np.ndarray, selection: np.ndarray
+) -> tuple[int, float, float, float, float, float]:
     """Plain numpy (npix, sum, mean, std, min, max) of the non-NaN pixels where ``selection`` is True."""
     values = frame[selection].astype(np.float64)
     values = values[~np.isnan(values)]
@@ -103,20 +105,26 @@ def roi_selection(name: str, spec: Any, shape: tuple[int, int]) -> tuple[int, in
             raise ValueError(f"roi {name!r}: rectangle {list(spec)} does not fit a frame of shape {shape}")
         return r0, c0, np.ones((r1 - r0, c1 - c0), dtype=bool)
     if not isinstance(spec, dict):
-        raise ValueError(f"roi {name!r}: {spec!r} is neither [row0, row1, col0, col1] nor {{centre, radius, chi}}")
+        raise ValueError(
+            f"roi {name!r}: {spec!r} is neither [row0, row1, col0, col1] nor {{centre, radius, chi}}"
+        )
     unknown = set(spec) - {"centre", "center", "radius", "chi"}
     if unknown:
         raise ValueError(f"roi {name!r}: unknown keys {sorted(unknown)}; an arc has centre, radius and chi")
     centre = _pair(spec, "centre", name) or _pair(spec, "center", name)
     radius = _pair(spec, "radius", name)
     if centre is None or radius is None or not 0 <= radius[0] < radius[1]:
-        raise ValueError(f"roi {name!r}: an arc needs centre: [row, col] and radius: [r_min, r_max] with r_min < r_max")
+        raise ValueError(
+            f"roi {name!r}: an arc needs centre: [row, col] and radius: [r_min, r_max] with r_min < r_max"
+        )
     chi = _pair(spec, "chi", name)
     rc, cc = centre
     r0, r1 = max(0, int(np.floor(rc - radius[1]))), min(rows, int(np.ceil(rc + radius[1])) + 1)
     c0, c1 = max(0, int(np.floor(cc - radius[1]))), min(cols, int(np.ceil(cc + radius[1])) + 1)
     if r0 >= r1 or c0 >= c1:
-        raise ValueError(f"roi {name!r}: arc around {list(centre)} with radius {radius[1]} lies outside the frame")
+        raise ValueError(
+            f"roi {name!r}: arc around {list(centre)} with radius {radius[1]} lies outside the frame"
+        )
     dr = np.arange(r0, r1, dtype=np.float64)[:, None] - rc
     dc = np.arange(c0, c1, dtype=np.float64)[None, :] - cc
     r = np.hypot(dr, dc)

@@ -1,0 +1,219 @@
+"""The engines wired with real ZeroMQ sockets, in one process (no Tango)."""
+
+import time
+
+import h5py
+import numpy as np
+import pytest
+import zmq
+
+from pipelines import message as m
+from pipelines.master import MasterEngine
+from pipelines.sink import SinkEngine
+from pipelines.sorter import SorterEngine
+from pipelines.sources.simulator import SimulatedDetector
+from pipelines.steps import load_step
+from pipelines.transport import UpstreamLink, receive, send
+from pipelines.worker import WorkerEngine
+from pipelines.writers import WriterEngine
+
+STEPS = [{"roi_stats": {"rois": {"corner": [0, 16, 0, 16]}, "bin": 4}}]
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class Pipeline:
+    def __init__(self, tmp_path, workers=2, policy="block", capacity=16, rate_hz=0.0, heartbeat_timeout_s=3.0):
+        self.source = SimulatedDetector(shape=[64, 48], rate_hz=rate_hz, frames=50)
+        self.master = MasterEngine(self.source, queue_capacity=capacity, overflow_policy=policy,
+                                   heartbeat_timeout_s=heartbeat_timeout_s)
+        self.master.bind_now()
+        self.sorter = SorterEngine(gap_timeout_s=2.0)
+        self.sorter.bind_now()
+        self.workers = []
+        for i in range(workers):
+            self.add_worker(f"w{i}")
+        self.sink = SinkEngine()
+        self.writer = WriterEngine(directory=str(tmp_path))
+        for consumer in (self.sink, self.writer):
+            consumer.start()
+            consumer.connect(self.sorter.endpoint)
+        wait_for(lambda: len(self.sorter.consumers) == 2, what="consumers")
+
+    def add_worker(self, name, steps=STEPS):
+        worker = WorkerEngine(steps, name=name)
+        worker.start()
+        worker.connect(self.master.endpoint, self.sorter.collect_endpoint)
+        self.workers.append(worker)
+        wait_for(lambda: name in self.master.worker_names(), what=f"worker {name}")
+        return worker
+
+    def scan(self, frames, meta=None):
+        done = self.writer.scans_done
+        self.master.start_scan(dict(meta or {}, frames=frames))
+        wait_for(lambda: not self.master.acquiring, what="acquisition")
+        self.master.end_scan()
+        wait_for(lambda: self.writer.scans_done > done, what="file closed")
+        return self.writer.last_file
+
+    def stop(self):
+        for engine in (self.master, *self.workers, self.sorter, self.sink, self.writer):
+            engine.stop()
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    p = Pipeline(tmp_path)
+    yield p
+    p.stop()
+
+
+def test_every_frame_processed_once_in_order_and_written(pipeline):
+    path = pipeline.scan(120, {"sample": "LaB6", "energy_keV": 12.4})
+    step = load_step(STEPS[0])
+    with h5py.File(path) as f:
+        data = f["entry/main"]
+        assert list(data["index"][:]) == list(range(120))
+        assert data["valid"][:].all()
+        for i in (0, 1, 57, 119):
+            expected = step(pipeline.source.frame(i), {})
+            assert data["corner_sum"][i] == expected["corner_sum"]
+            np.testing.assert_array_equal(data["binned"][i], expected["binned"])
+        assert f["entry/scan/sample"][()] == b"LaB6"
+        assert f["entry/scan/energy_keV"][()] == 12.4
+        assert f["entry/frames_written"][()] == 120
+    assert sum(w.stats.frames_out for w in pipeline.workers) == 120
+    assert all(w.stats.frames_out > 0 for w in pipeline.workers)
+    assert pipeline.sorter.reorder.duplicates == 0 and pipeline.sorter.reorder.missing == 0
+    latest = pipeline.sink.latest("main")
+    assert latest.index == 119
+    assert latest.scalars["corner_sum"] == step(pipeline.source.frame(119), {})["corner_sum"]
+
+
+def _raw_socket(kind, endpoint):
+    sock = zmq.Context.instance().socket(kind)
+    sock.linger = 0
+    sock.connect(endpoint)
+    return sock
+
+
+MALFORMED = [
+    [b"not json"],
+    [b'{"protocol": "tangopipe/1", "kind": "result", "scan": 1, "index": -5}'],
+    [b'{"protocol": "tangopipe/1", "kind": "result", "scan": 1, "index": 1, '
+     b'"buffers": [{"name": "a", "dtype": "<f4", "shape": [1000]}]}', b"short"],
+    [b'{"protocol": "tangopipe/1", "kind": "warp"}'],
+]
+
+
+def test_malformed_messages_on_every_port_are_counted_and_the_scan_goes_on(pipeline):
+    ports = [
+        (pipeline.master, zmq.DEALER, pipeline.master.endpoint),
+        (pipeline.sorter, zmq.PUSH, pipeline.sorter.collect_endpoint),
+        (pipeline.sorter, zmq.DEALER, pipeline.sorter.endpoint),
+    ]
+    for engine, kind, endpoint in ports:
+        before = engine.stats.bad.total
+        sock = _raw_socket(kind, endpoint)
+        for parts in MALFORMED:
+            sock.send_multipart(parts)
+        wait_for(lambda e=engine, b=before: e.stats.bad.total == b + len(MALFORMED), what="bad counted")
+        sock.close(0)
+    path = pipeline.scan(40)
+    with h5py.File(path) as f:
+        assert f["entry/main/valid"][:].sum() == 40
+
+
+def test_frames_of_a_silent_worker_are_dispatched_again(tmp_path):
+    p = Pipeline(tmp_path, workers=1, heartbeat_timeout_s=0.5)
+    try:
+        ghost = UpstreamLink(zmq.Context.instance(), "ghost", "main", credit=5)
+        ghost.connect(p.master.endpoint)  # says hello, takes 5 frames, never answers
+        wait_for(lambda: "ghost" in p.master.worker_names(), what="ghost")
+        path = p.scan(60)
+        with h5py.File(path) as f:
+            assert list(f["entry/main/index"][:]) == list(range(60))
+            assert f["entry/main/valid"][:].all()
+        assert p.master.redispatched >= 1 and p.master.lost_workers == 1
+        ghost.close()
+    finally:
+        p.stop()
+
+
+def test_worker_added_mid_scan_gets_frames(tmp_path):
+    p = Pipeline(tmp_path, workers=1, rate_hz=100)
+    try:
+        p.master.start_scan({"frames": 150})
+        wait_for(lambda: p.master.scan_frames > 20, what="first frames")
+        late = p.add_worker("late")
+        wait_for(lambda: not p.master.acquiring, what="acquisition")
+        p.master.end_scan()
+        wait_for(lambda: p.writer.scans_done == 1)
+        assert late.stats.frames_out > 0
+        assert p.writer.frames_written == 150
+    finally:
+        p.stop()
+
+
+def test_drop_newest_counts_every_drop_and_writes_gaps(tmp_path):
+    p = Pipeline(tmp_path, workers=0, policy="drop_newest", capacity=5)
+    try:
+        p.master.start_scan({"frames": 30})
+        wait_for(lambda: not p.master.acquiring)
+        assert p.master.stats.dropped == 25  # no worker: 5 held, 25 dropped
+        p.add_worker("w")
+        p.master.end_scan()
+        wait_for(lambda: p.writer.scans_done == 1)
+        with h5py.File(p.writer.last_file) as f:
+            valid = f["entry/main/valid"][:]
+        assert valid.sum() == 5 and len(valid) == 30
+        assert p.writer.gaps_written == 25 and p.sorter.reorder.missing == 25
+    finally:
+        p.stop()
+
+
+def test_block_policy_loses_nothing_with_a_small_queue(tmp_path):
+    p = Pipeline(tmp_path, workers=1, policy="block", capacity=2)
+    try:
+        path = p.scan(80)
+        with h5py.File(path) as f:
+            assert f["entry/main/valid"][:].sum() == 80
+        assert p.master.stats.dropped == 0
+    finally:
+        p.stop()
+
+
+def test_credit_limits_frames_held_by_each_worker(tmp_path):
+    p = Pipeline(tmp_path, workers=0)
+    try:
+        ctx = zmq.Context.instance()
+        slow = UpstreamLink(ctx, "slow", "main", credit=3)
+        slow.connect(p.master.endpoint)
+        wait_for(lambda: "slow" in p.master.worker_names())
+        p.master.start_scan({"frames": 10})
+        received = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # shorter than the heartbeat timeout
+            if slow.sock.poll(100):
+                received.append(receive(slow.sock)[1])
+        kinds = [x.kind for x in received]
+        assert kinds.count(m.FRAME) == 2 and kinds[0] == m.SCAN_START  # 3 credits: start + 2 frames
+        slow.grant(1)  # one more credit, nothing finished
+        assert slow.sock.poll(2000)
+        assert receive(slow.sock)[1].index == 2
+        # leaving without finishing anything: the start and frames 0-2 go to another worker
+        send(slow.sock, m.control(m.BYE))
+        slow.close()
+        p.add_worker("w")
+        wait_for(lambda: not p.master.acquiring)
+        p.master.end_scan()
+        wait_for(lambda: p.writer.scans_done == 1)
+        assert p.writer.frames_written == 10
+    finally:
+        p.stop()
