@@ -179,6 +179,7 @@ class SorterEngine(Engine):
         self.endpoint = ""
         self.consumers: dict[bytes, Peer] = {}
         self._outboxes: dict[bytes, deque[m.Message]] = {}
+        self._unclaimed: deque[m.Message] = deque()  # ordered output while no consumer is connected
         self.undelivered = 0
         self._pull: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
@@ -199,13 +200,13 @@ class SorterEngine(Engine):
         return self.endpoint
 
     def _backlog(self) -> int:
-        return max((len(q) for q in self._outboxes.values()), default=0)
+        return max((len(q) for q in self._outboxes.values()), default=len(self._unclaimed))
 
     def step(self) -> None:
         assert self._pull is not None and self._router is not None
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
-        accepting = bool(self.consumers) and self._backlog() < self.outbox_capacity
+        accepting = self._backlog() < self.outbox_capacity
         if accepting:
             poller.register(self._pull, zmq.POLLIN)
         events = dict(poller.poll(self.POLL_MS))
@@ -250,7 +251,7 @@ class SorterEngine(Engine):
                 acquired = msg.times.get("acquired")
                 if acquired:
                     self.stats.latency.add(now - acquired)
-            for outbox in self._outboxes.values():
+            for outbox in self._outboxes.values() or [self._unclaimed]:
                 outbox.append(msg)
             self.emit("ordered", msg)
 
@@ -286,7 +287,9 @@ class SorterEngine(Engine):
                     continue
                 if peer is None:
                     self.consumers[identity] = Peer(identity, name, credit=credit)
-                    self._outboxes[identity] = deque()
+                    # the first consumer takes what was sorted while nobody listened
+                    self._outboxes[identity] = self._unclaimed if not self._outboxes else deque()
+                    self._unclaimed = deque()
                     self.log.info("consumer %s connected with credit %d", name, credit)
                     self.emit("consumers", self.consumer_names())
                 else:
@@ -339,7 +342,8 @@ class SorterEngine(Engine):
                 f"{self.reorder.missing} frames missing (gap records sent); last {self.reorder.missing_indices[-1]}",
             )
         elif not self.consumers:
-            self.set_health(Health.ON, "No consumer connected: results are held (start the sink/writer)")
+            held = f"{len(self._unclaimed)} results held" if self._unclaimed else "results will be held"
+            self.set_health(Health.ON, f"No consumer connected: {held} (start the sink/writer)")
         elif self.reorder.buffered or self._backlog():
             self.set_health(Health.RUNNING, f"Sorting; {len(self.consumers)} consumers")
         else:

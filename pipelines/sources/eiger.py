@@ -478,8 +478,9 @@ def parse_image(
 ) -> EigerImage:
     """Parse and decode an image message.
 
-    Raises when the pixels are unusable; a broken dconfig part, a hash mismatch
-    (when ``verify_hash``) or extra parts become ``problems`` of the image.
+    Raises when the pixels are unusable (or, with ``verify_hash``, their md5
+    differs from ``hash``); a broken dconfig part or extra parts become
+    ``problems`` of the image.
     """
     if first is None:
         _, first = message_htype(parts)
@@ -515,15 +516,13 @@ def parse_image(
         raise EigerProtocolError(
             "size_mismatch", f"blob of {len(blob)} bytes, {IMAGE_DATA} announced {size}", **where
         )
+    if verify_hash and digest and hashlib.md5(blob).hexdigest() != digest:
+        raise EigerProtocolError("hash_mismatch", f"md5 of the blob differs from hash {digest!r}", **where)
     try:
         data = decode_blob(blob, (x, y), desc.get("type"), encoding)
     except EigerProtocolError as exc:
         raise EigerProtocolError(exc.reason, f"{encoding!r} blob: {exc.detail}", **where) from exc
     image = EigerImage(series=series, frame=frame, hash=digest, data=data, encoding=encoding)
-    if verify_hash and digest and hashlib.md5(blob).hexdigest() != digest:
-        image.problems.append(
-            EigerProtocolError("hash_mismatch", f"md5 of the blob differs from hash {digest!r}", **where)
-        )
     if len(parts) < 4:
         image.problems.append(
             EigerProtocolError("bad_parts", "the dconfig part (part 4) is missing", **where)
@@ -995,7 +994,7 @@ class EigerStreamSource:
         if gap:
             self._count(
                 "missing_frames",
-                f"series {self.header.series if self.header else '?'}: frames {_span(next_frame, frame)} never arrived",
+                f"series {self.header.series if self.header else '?'}: {_span(next_frame, frame)} never arrived",
                 gap,
             )
         return frame + 1
@@ -1007,7 +1006,7 @@ class EigerStreamSource:
             how = "ended" if ended else "was cut off"
             self._count(
                 "missing_frames",
-                f"series {series} {how} after {next_frame} frames, the header announced {expected}: frames "
+                f"series {series} {how} after {next_frame} frames, the header announced {expected}: "
                 f"{_span(next_frame, expected)} never arrived",
                 expected - next_frame,
             )
@@ -1015,7 +1014,7 @@ class EigerStreamSource:
 
 
 def _span(start: int, stop: int) -> str:
-    return str(start) if stop - start == 1 else f"{start}..{stop - 1}"
+    return f"frame {start}" if stop - start == 1 else f"frames {start}..{stop - 1}"
 
 
 def _dtype_from_bits(bits: Any) -> str | None:

@@ -328,7 +328,7 @@ class SimulatedEigerDCU:
         send_end: bool = True,
         seed: int = 7,
     ) -> int:
-        """Send one series and return its number.
+        """Send one series and return its number (also when :meth:`stop` aborted it).
 
         ``frames`` is a count (images of :class:`SimulatedDetector` with
         ``shape`` (y, x), ``dtype``, ``seed``) or the images themselves (a
@@ -370,34 +370,36 @@ class SimulatedEigerDCU:
         ):
             if given is not None:
                 tables[name] = np.asarray(given)
-        self.send_parts(
-            series_header_parts(series, detail, header_config, appendix=header_appendix, **tables)
-        )
+        header = series_header_parts(series, detail, header_config, appendix=header_appendix, **tables)
         count_ns = int(round(header_config.get("count_time", frame_time) * 1e9))
-        start = time.monotonic()
-        for frame, image in enumerate(images):
-            if rate_hz > 0:
-                delay = start + frame / rate_hz - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
+        try:
+            self.send_parts(header)
+            start = time.monotonic()
+            for frame, image in enumerate(images):
+                if rate_hz > 0:
+                    delay = start + frame / rate_hz - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return series
+                if self._stop.is_set():
                     return series
-            if self._stop.is_set():
-                return series
-            begin = int(frame * frame_time * 1e9)
-            parts = image_parts(
-                series,
-                frame,
-                image,
-                encoding,
-                block_bytes=block_bytes,
-                start_time=begin,
-                stop_time=begin + count_ns,
-                real_time=count_ns,
-                appendix=image_appendix,
-            )
-            for message in apply_fault(parts, faults[frame]) if frame in faults else [parts]:
-                self.send_parts(message)
-        if send_end:
-            self.send_parts(series_end_parts(series))
+                begin = int(frame * frame_time * 1e9)
+                parts = image_parts(
+                    series,
+                    frame,
+                    image,
+                    encoding,
+                    block_bytes=block_bytes,
+                    start_time=begin,
+                    stop_time=begin + count_ns,
+                    real_time=count_ns,
+                    appendix=image_appendix,
+                )
+                for message in apply_fault(parts, faults[frame]) if frame in faults else [parts]:
+                    self.send_parts(message)
+            if send_end:
+                self.send_parts(series_end_parts(series))
+        except InterruptedError:  # stop() while waiting for the consumer: like an aborted series
+            pass
         return series
 
     def start_series(self, frames: int | Iterable[np.ndarray], **options: Any) -> threading.Thread:

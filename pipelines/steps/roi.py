@@ -92,18 +92,16 @@ def _pair(spec: dict, key: str, name: str) -> tuple[float, float] | None:
     return float(value[0]), float(value[1])
 
 
-def roi_selection(name: str, spec: Any, shape: tuple[int, int]) -> tuple[int, int, np.ndarray]:
-    """The pixels of one ROI: (row0, col0, member) with ``member`` a bool array over its bounding box."""
-    rows, cols = shape
+def parse_roi(name: str, spec: Any) -> tuple:
+    """Check one ROI's form: ("rect", r0, r1, c0, c1) or ("arc", centre, radius, chi or None)."""
     if isinstance(spec, dict) and "rect" in spec:
         spec = spec["rect"]
     if isinstance(spec, list | tuple):
-        if not (len(spec) == 4 and all(_is_int(v) for v in spec)):
-            raise ValueError(f"roi {name!r}: rectangle {spec!r}; expected [row0, row1, col0, col1] as ints")
-        r0, r1, c0, c1 = spec
-        if not (0 <= r0 < r1 <= rows and 0 <= c0 < c1 <= cols):
-            raise ValueError(f"roi {name!r}: rectangle {list(spec)} does not fit a frame of shape {shape}")
-        return r0, c0, np.ones((r1 - r0, c1 - c0), dtype=bool)
+        if not (len(spec) == 4 and all(_is_int(v) for v in spec) and spec[0] < spec[1] and spec[2] < spec[3]):
+            raise ValueError(
+                f"roi {name!r}: rectangle {spec!r}; expected [row0, row1, col0, col1] as ints, row0 < row1, col0 < col1"
+            )
+        return ("rect", *spec)
     if not isinstance(spec, dict):
         raise ValueError(
             f"roi {name!r}: {spec!r} is neither [row0, row1, col0, col1] nor {{centre, radius, chi}}"
@@ -115,15 +113,28 @@ def roi_selection(name: str, spec: Any, shape: tuple[int, int]) -> tuple[int, in
     radius = _pair(spec, "radius", name)
     if centre is None or radius is None or not 0 <= radius[0] < radius[1]:
         raise ValueError(
-            f"roi {name!r}: an arc needs centre: [row, col] and radius: [r_min, r_max] with r_min < r_max"
+            f"roi {name!r}: an arc needs centre: [row, col] and radius: [r_min, r_max] with 0 <= r_min < r_max"
         )
-    chi = _pair(spec, "chi", name)
-    rc, cc = centre
+    return ("arc", centre, radius, _pair(spec, "chi", name))
+
+
+def roi_selection(name: str, spec: Any, shape: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+    """The pixels of one ROI: (row0, col0, member) with ``member`` a bool array over its bounding box."""
+    rows, cols = shape
+    parsed = parse_roi(name, spec)
+    if parsed[0] == "rect":
+        r0, r1, c0, c1 = parsed[1:]
+        if not (0 <= r0 and r1 <= rows and 0 <= c0 and c1 <= cols):
+            raise ValueError(
+                f"roi {name!r}: rectangle {list(parsed[1:])} does not fit a frame of shape {shape}"
+            )
+        return r0, c0, np.ones((r1 - r0, c1 - c0), dtype=bool)
+    (rc, cc), radius, chi = parsed[1:]
     r0, r1 = max(0, int(np.floor(rc - radius[1]))), min(rows, int(np.ceil(rc + radius[1])) + 1)
     c0, c1 = max(0, int(np.floor(cc - radius[1]))), min(cols, int(np.ceil(cc + radius[1])) + 1)
     if r0 >= r1 or c0 >= c1:
         raise ValueError(
-            f"roi {name!r}: arc around {list(centre)} with radius {radius[1]} lies outside the frame"
+            f"roi {name!r}: arc around {[rc, cc]} with radius {radius[1]} lies outside the frame"
         )
     dr = np.arange(r0, r1, dtype=np.float64)[:, None] - rc
     dc = np.arange(c0, c1, dtype=np.float64)[None, :] - cc
@@ -156,6 +167,8 @@ class RoiStatistics:
         if wrong:
             raise ValueError(f"roi: stats {wrong} unknown; expected some of {', '.join(STATS)}")
         self.rois = dict(rois)
+        for name, spec in self.rois.items():  # report a malformed ROI when the step is loaded
+            parse_roi(name, spec)
         self.mask = load_mask(mask) if mask is not None else None
         self._shape: tuple[int, int] | None = None
         self._tables: dict[str, tuple[int, int, np.ndarray]] = {}

@@ -1,0 +1,770 @@
+"""Azimuthal integration (``azimuthal``) and caking (``azimuthal2d``) with pyFAI's geometry.
+
+Both steps read a PONI file and build, once, a sparse matrix (CSR) that maps pixels
+to bins: for every bin the indices of the pixels that fall in it and their weights.
+Without pixel splitting each pixel goes whole to the bin of its centre; with
+``bbox`` splitting a pixel's radial (and, for caking, azimuthal) extent is spread
+over the bins it covers in proportion to the overlap, exactly as pyFAI's CSR
+"bbox" engine does. A bin's value is pyFAI's weighted mean::
+
+    I[bin] = sum_j w_j * frame_j / sum_j w_j * solid_angle_j * polarisation_j
+
+The denominator does not depend on the frame, so it is summed once when the step is
+configured; each frame costs one pass over the matrix (a numba kernel, parallel over
+bins) that reads the frame in its own dtype. Pixels that are NaN, equal to
+``dummy``, or flagged in ``meta["pixel_mask"]`` (nonzero = bad, per frame) are left
+out of both sums of their bin; pixels of the ``mask`` file are left out of the
+matrix. Bins with no valid pixel hold ``dummy`` (0 when no dummy is given), as in pyFAI.
+
+Bins are placed as pyFAI places them: ``npt`` equal bins from the smallest to just
+above the largest pixel position (pixel centres, or bounding-box edges when
+splitting; masked pixels excluded; 2theta and q clipped at 0), or over
+``radial_range``; results are the bin centres. Azimuths are in degrees in
+[-180, 180); an ``azimuth_range`` that crosses 180 deg (e.g. [90, 270]) is unwrapped
+and covers the whole sector.
+
+``integrate_reference`` is the same computation with ``np.bincount`` and no sparse
+matrix, the yardstick the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+
+from pipelines.geometry import (
+    CHI_DEG_SCALE,
+    PoniGeometry,
+    chi_array,
+    chi_delta_array,
+    deg_to_chi,
+    polarization_array,
+    radial_array,
+    radial_delta_array,
+    radial_unit,
+    read_poni,
+    solid_angle_array,
+    upper_bound,
+)
+
+SPLITTINGS = ("none", "bbox")
+#: Bins are handed to threads in chunks of about equal work (matrix entries).
+CHUNKS_PER_THREAD = 16
+
+
+# ---------------------------------------------------------------- bins and pixels
+
+
+@dataclass(frozen=True)
+class BinAxis:
+    """``n`` equal bins of width ``delta`` from ``lower`` (internal unit: radians or nm^-1).
+
+    ``upper_in`` is the largest position accepted (pyFAI's ``pos_maxin``), used to
+    discard pixels beyond an azimuth range.
+    """
+
+    lower: float
+    upper: float
+    upper_in: float
+    n: int
+
+    @property
+    def delta(self) -> float:
+        return (self.upper - self.lower) / self.n
+
+    def centers(self) -> np.ndarray:
+        """Bin centres as pyFAI computes them (``linspace`` from the first to the last centre)."""
+        d = self.delta
+        return np.linspace(self.lower + 0.5 * d, self.upper - 0.5 * d, self.n)
+
+
+def make_axis(lower: float, upper_in: float, n: int) -> BinAxis:
+    return BinAxis(float(lower), upper_bound(float(upper_in)), float(upper_in), int(n))
+
+
+@dataclass
+class PixelTable:
+    """Per-pixel inputs of the integration, flattened: positions (internal units),
+    bounding-box half-widths (None without splitting), normalisation and static validity."""
+
+    radial: np.ndarray
+    radial_delta: np.ndarray | None
+    chi: np.ndarray | None
+    chi_delta: np.ndarray | None
+    norm: np.ndarray  # float32: solid angle x polarisation (1 when neither)
+    keep: np.ndarray  # bool: not in the mask file and a usable normalisation
+
+
+def build_pixel_table(
+    geometry: PoniGeometry,
+    shape: tuple[int, int],
+    unit: str,
+    split: bool,
+    need_chi: bool,
+    correct_solid_angle: bool,
+    polarization_factor: float | None,
+    mask: np.ndarray | None,
+    chi_unwrap_from: float | None = None,
+) -> PixelTable:
+    """Everything about the pixels that does not depend on a frame."""
+    radial = radial_array(geometry, unit, shape, scale=False)
+    radial_delta = radial_delta_array(geometry, unit, shape, center=radial) if split else None
+    chi = chi_delta = None
+    if need_chi:
+        chi = chi_array(geometry, shape)
+        chi_delta = chi_delta_array(geometry, shape, center=chi) if split else None
+        if chi_unwrap_from is not None:
+            chi = np.where(chi < chi_unwrap_from, chi + 2.0 * math.pi, chi)
+    norm = np.ones(shape, dtype=np.float32)
+    if correct_solid_angle:
+        norm *= solid_angle_array(geometry, shape)
+    if polarization_factor is not None:
+        norm *= polarization_array(geometry, polarization_factor, shape)
+    keep = np.isfinite(norm) & (norm != 0) & np.isfinite(radial)
+    if mask is not None:
+        keep &= mask == 0
+
+    def flat(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a).reshape(-1)
+
+    return PixelTable(flat(radial), flat(radial_delta), flat(chi), flat(chi_delta), flat(norm), flat(keep))
+
+
+def radial_bins(
+    pixels: PixelTable, npt: int, radial_range: tuple[float, float] | None, scale: float
+) -> BinAxis:
+    """pyFAI's radial bins: over ``radial_range`` (given in the user's unit) or the unmasked pixels' extent."""
+    if radial_range is not None:
+        return make_axis(radial_range[0] / scale, radial_range[-1] / scale, npt)
+    pos = pixels.radial[pixels.keep]
+    if pos.size == 0:
+        raise ValueError("every pixel is masked: there is nothing to integrate")
+    if pixels.radial_delta is None:
+        lo, hi = float(pos.min()), float(pos.max())
+    else:
+        d = pixels.radial_delta[pixels.keep]
+        lo, hi = float((pos - d).min()), float((pos + d).max())
+    return make_axis(max(0.0, lo), max(0.0, hi), npt)
+
+
+def azimuth_bins(pixels: PixelTable, npt: int, chi_range: tuple[float, float] | None) -> BinAxis:
+    """pyFAI's azimuthal bins for caking: over ``chi_range`` (radians) or the pixels' extent clipped to [-pi, pi]."""
+    if chi_range is not None:
+        return make_axis(chi_range[0], chi_range[1], npt)
+    pos = pixels.chi[pixels.keep]
+    if pixels.chi_delta is None:
+        lo, hi = float(pos.min()), float(pos.max())
+    else:
+        d = pixels.chi_delta[pixels.keep]
+        lo, hi = float((pos - d).min()), float((pos + d).max())
+    return make_axis(max(lo, -math.pi), min(hi, math.pi), npt)
+
+
+# ---------------------------------------------------------------- numpy reference
+
+
+def _spans(pos: np.ndarray, delta: np.ndarray | None, axis: BinAxis):
+    """First/last bin (clipped) and fractional bin edges of each pixel; ``inside`` as pyFAI decides it."""
+    d = 0.0 if delta is None else delta
+    f_lo = ((pos - d) - axis.lower) / axis.delta
+    f_hi = ((pos + d) - axis.lower) / axis.delta
+    b_lo = np.trunc(f_lo)
+    b_hi = np.trunc(f_hi)
+    inside = (b_hi >= 0) & (b_lo < axis.n)
+    b_lo = np.clip(b_lo, 0, axis.n - 1).astype(np.int64)
+    b_hi = np.clip(b_hi, 0, axis.n - 1).astype(np.int64)
+    return b_lo, b_hi, f_lo, f_hi, inside
+
+
+def _span_weight(k: int, b_lo, b_hi, f_lo, f_hi) -> tuple[np.ndarray, np.ndarray]:
+    """Bin ``b_lo + k`` of each pixel and the share of the pixel that falls in it."""
+    b = b_lo + k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / (f_hi - f_lo)
+        w = np.where(b == b_lo, ((b_lo + 1) - f_lo) * inv, np.where(b == b_hi, (f_hi - b_hi) * inv, inv))
+    w = np.where(b_lo == b_hi, 1.0, w)
+    return b, np.where(b <= b_hi, w, 0.0)
+
+
+def integrate_reference(
+    frame: np.ndarray,
+    pixels: PixelTable,
+    radial_axis: BinAxis,
+    azimuth_axis: BinAxis | None = None,
+    chi_filter: tuple[float, float] | None = None,
+    dummy: float | None = None,
+    pixel_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """The integration with ``np.bincount``: 1D (``azimuth_axis`` None) or a (n_azim, n_radial) cake.
+
+    ``chi_filter`` (radians, 1D only) drops pixels whose azimuth lies outside it.
+    """
+    values = np.asarray(frame, dtype=np.float64).reshape(-1)
+    use = pixels.keep & ~np.isnan(values)
+    if dummy is not None:
+        use &= values != dummy
+    if pixel_mask is not None:
+        use &= np.asarray(pixel_mask).reshape(-1) == 0
+    if chi_filter is not None:
+        d1 = 0.0 if pixels.chi_delta is None else pixels.chi_delta
+        use &= ~((pixels.chi + d1 < chi_filter[0]) | (pixels.chi - d1 > chi_filter[1]))
+    r_lo, r_hi, rf_lo, rf_hi, inside = _spans(pixels.radial, pixels.radial_delta, radial_axis)
+    use &= inside
+    n_bins = radial_axis.n
+    if azimuth_axis is not None:
+        a_lo, a_hi, af_lo, af_hi, inside = _spans(pixels.chi, pixels.chi_delta, azimuth_axis)
+        use &= inside
+        n_bins *= azimuth_axis.n
+    sel = np.nonzero(use)[0]
+    values, norm = values[sel], pixels.norm[sel].astype(np.float64)
+    r_lo, r_hi, rf_lo, rf_hi = r_lo[sel], r_hi[sel], rf_lo[sel], rf_hi[sel]
+    signal = np.zeros(n_bins)
+    normalization = np.zeros(n_bins)
+    r_span = int((r_hi - r_lo).max(initial=0)) + 1
+    if azimuth_axis is None:
+        parts = [(k, None) for k in range(r_span)]
+    else:
+        a_lo, a_hi, af_lo, af_hi = a_lo[sel], a_hi[sel], af_lo[sel], af_hi[sel]
+        a_span = int((a_hi - a_lo).max(initial=0)) + 1
+        parts = [(k, m) for k in range(r_span) for m in range(a_span)]
+    for k, m in parts:
+        b, w = _span_weight(k, r_lo, r_hi, rf_lo, rf_hi)
+        if m is not None:
+            b_a, w_a = _span_weight(m, a_lo, a_hi, af_lo, af_hi)
+            b = b_a * radial_axis.n + b
+            w = w * w_a
+        on = w != 0
+        signal += np.bincount(b[on], weights=w[on] * values[on], minlength=n_bins)
+        normalization += np.bincount(b[on], weights=w[on] * norm[on], minlength=n_bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result = np.where(normalization > 0, signal / normalization, 0.0 if dummy is None else dummy)
+    if azimuth_axis is not None:
+        result = result.reshape(azimuth_axis.n, radial_axis.n)
+    return result
+
+
+# ---------------------------------------------------------------- building the CSR matrix
+
+
+@numba.njit(cache=True, inline="always")
+def _clip_span(f_lo, f_hi, n):
+    """pyFAI's first/last bin of a box [f_lo, f_hi] in bin units (C truncation, then clipping);
+    last < first when the box misses all bins."""
+    b_lo = int(f_lo)
+    b_hi = int(f_hi)
+    if b_hi < 0 or b_lo >= n:
+        return 1, 0
+    return max(b_lo, 0), min(b_hi, n - 1)
+
+
+@numba.njit(cache=True, inline="always")
+def _share(k, b_lo, b_hi, f_lo, f_hi):
+    """Fraction of a box [f_lo, f_hi] (bin units) given to bin ``k`` (pyFAI's bbox weights)."""
+    if b_lo == b_hi:
+        return 1.0
+    inv = 1.0 / (f_hi - f_lo)
+    if k == b_lo:
+        return ((b_lo + 1) - f_lo) * inv
+    if k == b_hi:
+        return (f_hi - b_hi) * inv
+    return inv
+
+
+@numba.njit(cache=True)
+def _build_csr(
+    radial, radial_delta, chi, chi_delta, keep, r_lower, r_delta, n_r, a_lower, a_delta, a_upper_in, n_a, mode
+):
+    """CSR of the pixel -> bin map. ``mode`` 0: 1D; 1: 1D keeping chi in [a_lower, a_upper_in];
+    2: 2D with row = azimuth_bin * n_r + radial_bin. Empty delta arrays mean no splitting.
+    Two passes over the pixels: count entries per bin, then fill them (indices ascending)."""
+    size = radial.size
+    n_rows = n_r * n_a if mode == 2 else n_r
+    split_r = radial_delta.size > 0
+    split_a = chi_delta.size > 0
+    counts = np.zeros(n_rows + 1, dtype=np.int64)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    indices = np.empty(0, dtype=np.int32)
+    weights = np.empty(0, dtype=np.float32)
+    for fill in range(2):
+        if fill == 1:
+            for b in range(n_rows):
+                indptr[b + 1] = indptr[b] + counts[b]
+            indices = np.empty(indptr[n_rows], dtype=np.int32)
+            weights = np.empty(indptr[n_rows], dtype=np.float32)
+            counts[:] = 0
+        for i in range(size):
+            if not keep[i]:
+                continue
+            c0 = radial[i]
+            d0 = radial_delta[i] if split_r else 0.0
+            if mode == 1:
+                c1 = chi[i]
+                d1 = chi_delta[i] if split_a else 0.0
+                if c1 + d1 < a_lower or c1 - d1 > a_upper_in:
+                    continue
+            f0_lo = ((c0 - d0) - r_lower) / r_delta
+            f0_hi = ((c0 + d0) - r_lower) / r_delta
+            b0_lo, b0_hi = _clip_span(f0_lo, f0_hi, n_r)
+            if b0_hi < b0_lo:
+                continue
+            b1_lo, b1_hi = 0, 0
+            f1_lo, f1_hi = 0.0, 0.0
+            if mode == 2:
+                c1 = chi[i]
+                d1 = chi_delta[i] if split_a else 0.0
+                f1_lo = ((c1 - d1) - a_lower) / a_delta
+                f1_hi = ((c1 + d1) - a_lower) / a_delta
+                b1_lo, b1_hi = _clip_span(f1_lo, f1_hi, n_a)
+                if b1_hi < b1_lo:
+                    continue
+            for k1 in range(b1_lo, b1_hi + 1):
+                w1 = _share(k1, b1_lo, b1_hi, f1_lo, f1_hi) if mode == 2 else 1.0
+                for k0 in range(b0_lo, b0_hi + 1):
+                    row = k1 * n_r + k0
+                    if fill == 1:
+                        at = indptr[row] + counts[row]
+                        indices[at] = i
+                        weights[at] = w1 * _share(k0, b0_lo, b0_hi, f0_lo, f0_hi)
+                    counts[row] += 1
+    return indptr, indices, weights
+
+
+def _chunk_bounds(indptr: np.ndarray, chunks: int) -> np.ndarray:
+    """Contiguous bin ranges with about equal numbers of matrix entries, one task each."""
+    n_rows = indptr.size - 1
+    targets = np.linspace(0, indptr[-1], chunks + 1)
+    bounds = np.searchsorted(indptr, targets, side="left").clip(0, n_rows)
+    bounds[0], bounds[-1] = 0, n_rows
+    return np.unique(bounds).astype(np.int64)
+
+
+# ---------------------------------------------------------------- per-frame kernel
+
+
+@numba.njit(cache=True, inline="always")
+def _careful_bin(frame, start, stop, indices, weights, pixel_norm, check_dummy, dummy, pixel_mask, empty):
+    """One bin, skipping NaN / dummy / masked pixels in the signal and the normalisation."""
+    unit = weights.size == 0
+    check_mask = pixel_mask.size > 0
+    signal = 0.0
+    normalization = 0.0
+    for j in range(start, stop):
+        idx = indices[j]
+        v = frame[idx]
+        if v != v:
+            continue
+        if check_dummy and v == dummy:
+            continue
+        if check_mask and pixel_mask[idx] != 0:
+            continue
+        w = 1.0 if unit else np.float64(weights[j])
+        signal += w * v
+        normalization += w * np.float64(pixel_norm[idx])
+    if normalization > 0.0:
+        return signal / normalization
+    return empty
+
+
+@numba.njit(parallel=True, cache=True)
+def csr_integrate(frame, indptr, indices, weights, denominator, pixel_norm, chunks, check_dummy, dummy, pixel_mask, empty, out):
+    """out[b] = sum_j w_j frame[idx_j] / denominator[b] over CSR row b, in parallel over bin chunks.
+
+    ``weights`` empty means all weights are 1 (no splitting: only indices are read).
+    A bin whose sum comes out NaN (a NaN pixel) is summed again without its bad
+    pixels; with a dummy value or a per-frame ``pixel_mask`` (non-empty) every bin
+    takes that careful path.
+    """
+    unit = weights.size == 0
+    careful = check_dummy or pixel_mask.size > 0
+    for c in numba.prange(chunks.size - 1):
+        for b in range(chunks[c], chunks[c + 1]):
+            start = indptr[b]
+            stop = indptr[b + 1]
+            if careful:
+                out[b] = _careful_bin(frame, start, stop, indices, weights, pixel_norm, check_dummy, dummy, pixel_mask, empty)
+                continue
+            s0 = 0.0
+            s1 = 0.0
+            j = start
+            if unit:
+                while j + 1 < stop:
+                    s0 += frame[indices[j]]
+                    s1 += frame[indices[j + 1]]
+                    j += 2
+                if j < stop:
+                    s0 += frame[indices[j]]
+            else:
+                while j + 1 < stop:
+                    s0 += weights[j] * np.float64(frame[indices[j]])
+                    s1 += weights[j + 1] * np.float64(frame[indices[j + 1]])
+                    j += 2
+                if j < stop:
+                    s0 += weights[j] * np.float64(frame[indices[j]])
+            s = s0 + s1
+            if s != s:
+                out[b] = _careful_bin(frame, start, stop, indices, weights, pixel_norm, check_dummy, dummy, pixel_mask, empty)
+            elif denominator[b] > 0.0:
+                out[b] = s / denominator[b]
+            else:
+                out[b] = empty
+
+
+@numba.njit(parallel=True, cache=True)
+def csr_row_sums(vector, indptr, indices, weights):
+    """sum_j w_j vector[idx_j] per CSR row, float64 (the frame-independent normalisation)."""
+    n_rows = indptr.size - 1
+    out = np.zeros(n_rows)
+    unit = weights.size == 0
+    for b in numba.prange(n_rows):
+        s = 0.0
+        for j in range(indptr[b], indptr[b + 1]):
+            w = 1.0 if unit else np.float64(weights[j])
+            s += w * np.float64(vector[indices[j]])
+        out[b] = s
+    return out
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def _check_range(name: str, value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        and value[0] < value[1]
+    ):
+        raise ValueError(f"{name} = {value!r} must be [low, high] with low < high, two finite numbers")
+    return float(value[0]), float(value[1])
+
+
+def _native_frame(frame: np.ndarray) -> np.ndarray:
+    """The frame as a flat, native-byte-order view (copied only when it is not already one)."""
+    frame = np.asarray(frame)
+    if frame.dtype.kind == "b":
+        frame = frame.view(np.uint8)
+    if frame.dtype.kind not in "uif":
+        raise TypeError(f"azimuthal integration needs a numeric frame, got dtype {frame.dtype}")
+    if not frame.dtype.isnative:
+        frame = frame.astype(frame.dtype.newbyteorder("="))
+    return np.ascontiguousarray(frame).reshape(-1)
+
+
+class _Integrator:
+    """What the 1D and 2D steps share: parameters, geometry, the CSR matrix and the kernel call."""
+
+    two_d = False
+
+    def _configure(
+        self,
+        poni: str,
+        npt: int,
+        npt_azim: int,
+        unit: str,
+        radial_range: list | None,
+        azimuth_range: list | None,
+        mask: str | None,
+        correct_solid_angle: bool,
+        polarization_factor: float | None,
+        pixel_splitting: str,
+        dummy: float | None,
+        shape: list | None,
+    ) -> None:
+        if not isinstance(npt, int) or isinstance(npt, bool) or npt < 1:
+            raise ValueError(f"npt = {npt!r} must be a positive integer (number of radial bins)")
+        if not isinstance(npt_azim, int) or isinstance(npt_azim, bool) or npt_azim < 1:
+            raise ValueError(f"npt_azim = {npt_azim!r} must be a positive integer (number of azimuthal bins)")
+        if pixel_splitting not in SPLITTINGS:
+            raise ValueError(f"pixel_splitting = {pixel_splitting!r} must be one of {', '.join(SPLITTINGS)}")
+        if polarization_factor is not None and not (
+            isinstance(polarization_factor, int | float) and -1.0 <= polarization_factor <= 1.0
+        ):
+            raise ValueError(f"polarization_factor = {polarization_factor!r} must be None or a number in [-1, 1]")
+        if dummy is not None and not isinstance(dummy, int | float):
+            raise ValueError(f"dummy = {dummy!r} must be None or a number")
+        self.unit = radial_unit(unit)
+        self.radial_range = _check_range("radial_range", radial_range)
+        azimuth_range = _check_range("azimuth_range", azimuth_range)
+        if azimuth_range is not None and azimuth_range[1] - azimuth_range[0] > 360.0:
+            raise ValueError(f"azimuth_range = {list(azimuth_range)!r} spans more than 360 degrees")
+        self.azimuth_range = azimuth_range
+        # Azimuths in radians as pyFAI normalises them; a range crossing the cut at
+        # +-180 deg gets an upper end above pi, and the pixels below its lower end
+        # are moved up by a turn so that the sector is contiguous.
+        self.chi_range: tuple[float, float] | None = None
+        self.chi_unwrap_from: float | None = None
+        if azimuth_range is not None:
+            lo, hi = deg_to_chi(azimuth_range[0]), deg_to_chi(azimuth_range[1])
+            if hi <= lo:
+                hi += 2.0 * math.pi
+            self.chi_range = (lo, hi)
+            if hi > math.pi:
+                self.chi_unwrap_from = lo
+        self.npt = npt
+        self.npt_azim = npt_azim
+        self.split = pixel_splitting == "bbox"
+        self.correct_solid_angle = bool(correct_solid_angle)
+        self.polarization_factor = None if polarization_factor is None else float(polarization_factor)
+        self.dummy = None if dummy is None else float(dummy)
+        self.empty = 0.0 if dummy is None else float(dummy)
+        self.poni_path = str(poni)
+        self.geometry = read_poni(poni)
+        if self.geometry.wavelength is None and self.unit.space == "q":
+            raise ValueError(f"unit = {unit!r} needs a wavelength, and the PONI file {poni} has none")
+        self.static_mask = None
+        if mask is not None:
+            try:
+                self.static_mask = np.load(Path(mask), allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"mask = {mask!r}: cannot read it as a .npy array: {exc}") from exc
+            if self.static_mask.ndim != 2:
+                raise ValueError(f"mask = {mask!r} has shape {self.static_mask.shape}; expected a 2D image")
+        if shape is not None:
+            if not (isinstance(shape, list | tuple) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+                raise ValueError(f"shape = {shape!r} must be [rows, columns], two positive integers")
+            shape = (int(shape[0]), int(shape[1]))
+        else:
+            shape = self.geometry.shape or (None if self.static_mask is None else self.static_mask.shape)
+        self.shape: tuple[int, int] | None = None
+        if shape is not None:
+            self._build(shape)
+
+    # -- tables
+
+    def pixel_table(self, shape: tuple[int, int] | None = None) -> PixelTable:
+        """The per-pixel inputs (recomputed; used to build the matrix and by the reference)."""
+        shape = shape or self.shape
+        if self.static_mask is not None and self.static_mask.shape != tuple(shape):
+            raise ValueError(f"the mask has shape {self.static_mask.shape}, frames have shape {tuple(shape)}")
+        return build_pixel_table(
+            self.geometry,
+            shape,
+            self.unit.name,
+            self.split,
+            need_chi=self.two_d or self.chi_range is not None,
+            correct_solid_angle=self.correct_solid_angle,
+            polarization_factor=self.polarization_factor,
+            mask=self.static_mask,
+            chi_unwrap_from=self.chi_unwrap_from,
+        )
+
+    def _build(self, shape: tuple[int, int]) -> None:
+        """Bins, CSR matrix, normalisation sums and thread chunks: everything frame-independent."""
+        pixels = self.pixel_table(shape)
+        self.radial_axis = radial_bins(pixels, self.npt, self.radial_range, self.unit.scale)
+        empty = np.empty(0)
+        if self.two_d:
+            self.azimuth_axis: BinAxis | None = azimuth_bins(pixels, self.npt_azim, self.chi_range)
+            a = self.azimuth_axis
+            mode, a_args = 2, (a.lower, a.delta, a.upper_in, a.n)
+        elif self.chi_range is not None:
+            self.azimuth_axis = None
+            mode, a_args = 1, (self.chi_range[0], 1.0, self.chi_range[1], 1)
+        else:
+            self.azimuth_axis = None
+            mode, a_args = 0, (0.0, 1.0, 0.0, 1)
+        r = self.radial_axis
+        indptr, indices, weights = _build_csr(
+            pixels.radial,
+            pixels.radial_delta if self.split else empty,
+            pixels.chi if pixels.chi is not None else empty,
+            pixels.chi_delta if (self.split and pixels.chi_delta is not None) else empty,
+            pixels.keep,
+            r.lower,
+            r.delta,
+            r.n,
+            *a_args,
+            mode,
+        )
+        if indptr[-1] >= 2**31:
+            raise ValueError("the pixel-to-bin table has more than 2**31 entries; use fewer bins")
+        self.indptr = indptr
+        self.indices = indices
+        # Without splitting every weight is 1: the kernel then reads indices only.
+        self.weights = weights if (self.split and not np.all(weights == 1.0)) else np.empty(0, np.float32)
+        self.pixel_norm = pixels.norm
+        self.denominator = csr_row_sums(pixels.norm, indptr, indices, self.weights)
+        self.chunks = _chunk_bounds(indptr, CHUNKS_PER_THREAD * numba.get_num_threads())
+        self.radial = r.centers() * self.unit.scale
+        self.radial.setflags(write=False)
+        if self.two_d:
+            self.azimuthal = self.azimuth_axis.centers() * CHI_DEG_SCALE
+            self.azimuthal.setflags(write=False)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.geometry = self.geometry.with_shape(self.shape)
+
+    # -- per frame
+
+    def _check_frame(self, frame: np.ndarray) -> None:
+        if frame.ndim != 2:
+            raise ValueError(f"azimuthal integration needs a 2D frame, got shape {frame.shape}")
+        if self.shape is None:
+            self._build(frame.shape)
+        elif frame.shape != self.shape:
+            raise ValueError(f"frame shape {frame.shape} does not match the geometry's detector shape {self.shape}")
+
+    def _integrate(self, frame: np.ndarray, meta: dict | None, out: np.ndarray) -> np.ndarray:
+        self._check_frame(frame)
+        pixel_mask = None if meta is None else meta.get("pixel_mask")
+        if pixel_mask is None:
+            flat_mask = np.empty(0, dtype=np.uint8)
+        else:
+            pixel_mask = np.asarray(pixel_mask)
+            if pixel_mask.shape != self.shape:
+                raise ValueError(f"meta['pixel_mask'] has shape {pixel_mask.shape}, the frame has {self.shape}")
+            flat_mask = _native_frame(pixel_mask)
+        csr_integrate(
+            _native_frame(frame),
+            self.indptr,
+            self.indices,
+            self.weights,
+            self.denominator,
+            self.pixel_norm,
+            self.chunks,
+            self.dummy is not None,
+            0.0 if self.dummy is None else self.dummy,
+            flat_mask,
+            self.empty,
+            out.reshape(-1),
+        )
+        return out
+
+    def reference(self, frame: np.ndarray, meta: dict | None = None) -> np.ndarray:
+        """The same integration by :func:`integrate_reference` (numpy, no CSR): slow, for tests."""
+        self._check_frame(frame)
+        return integrate_reference(
+            frame,
+            self.pixel_table(),
+            self.radial_axis,
+            self.azimuth_axis,
+            chi_filter=None if self.two_d else self.chi_range,
+            dummy=self.dummy,
+            pixel_mask=None if meta is None else meta.get("pixel_mask"),
+        )
+
+    def lavue_metadata(self) -> dict[str, Any]:
+        """What Lavue (and NeXus writers) want to know, in the units Lavue's settings use.
+
+        ``axisscales`` [x0, y0, xscale, yscale] and ``axislabels`` [xtext, ytext,
+        xunits, yunits] describe the caked image as Lavue shows it (x = radial
+        columns, y = azimuth rows; x0/y0 are the outer edges of the first bins);
+        ``wavelength`` in Angstrom, ``energy`` in eV, ``detector_distance`` (sample to
+        PONI, along the detector normal) and ``direct_beam_distance`` in mm,
+        ``beam_center_x``/``beam_center_y`` in pixels (frame column/row, pixel i
+        spanning [i, i+1)), ``pixel_size_x``/``pixel_size_y`` in micrometres, the raw
+        PONI values (``poni1``/``poni2`` in m, ``rot1..3`` in rad) and the radial
+        ``unit``.
+        """
+        g = self.geometry
+        out: dict[str, Any] = {
+            "unit": self.unit.name,
+            "detector_distance": g.dist * 1e3,
+            "direct_beam_distance": g.direct_beam_distance * 1e3,
+            "pixel_size_x": g.pixel2 * 1e6,
+            "pixel_size_y": g.pixel1 * 1e6,
+            "poni1": g.poni1,
+            "poni2": g.poni2,
+            "rot1": g.rot1,
+            "rot2": g.rot2,
+            "rot3": g.rot3,
+        }
+        if g.wavelength is not None:
+            out["wavelength"] = g.wavelength * 1e10
+            out["energy"] = g.energy_kev * 1e3
+        if g.orientation == 3 or g.shape is not None:
+            out["beam_center_x"], out["beam_center_y"] = g.beam_center
+        if self.shape is not None:
+            r = self.radial_axis
+            s = self.unit.scale
+            if self.two_d:
+                a = self.azimuth_axis
+                out["axisscales"] = [r.lower * s, a.lower * CHI_DEG_SCALE, r.delta * s, a.delta * CHI_DEG_SCALE]
+                out["axislabels"] = [self.unit.label, "chi", self.unit.symbol, "deg"]
+            else:
+                out["axisscales"] = [r.lower * s, 0.0, r.delta * s, 1.0]
+                out["axislabels"] = [self.unit.label, "intensity", self.unit.symbol, ""]
+        return out
+
+
+class AzimuthalIntegration(_Integrator):
+    """1D azimuthal integration: results ``radial`` (bin centres in ``unit``) and ``intensity`` (float32)."""
+
+    two_d = False
+
+    def __init__(
+        self,
+        *,
+        poni: str,
+        npt: int = 1000,
+        unit: str = "2th_deg",
+        radial_range: list | None = None,
+        azimuth_range: list | None = None,
+        mask: str | None = None,
+        correct_solid_angle: bool = True,
+        polarization_factor: float | None = None,
+        pixel_splitting: str = "none",
+        dummy: float | None = None,
+        shape: list | None = None,
+    ):
+        """
+        poni: PONI file (pyFAI-calib2) with the detector geometry.
+        npt: number of radial bins.
+        unit: radial unit, "2th_deg", "2th_rad", "q_nm^-1" or "q_A^-1".
+        radial_range: [low, high] in ``unit``; default: all pixels.
+        azimuth_range: [low, high] in degrees; only pixels in this sector count.
+        mask: .npy image, nonzero = pixel left out (besides NaN pixels and meta["pixel_mask"]).
+        correct_solid_angle: divide by each pixel's relative solid angle.
+        polarization_factor: None for no correction, else -1..1 (pyFAI's; ~0.95-0.99 at synchrotrons).
+        pixel_splitting: "none" or "bbox" (split each pixel's radial extent over the bins it covers).
+        dummy: pixel value meaning "no data"; also the value of empty bins (else 0).
+        shape: [rows, columns] of the frames when the PONI file has no max_shape
+            (otherwise the tables are built on the first frame).
+        """
+        self._configure(
+            poni, npt, 1, unit, radial_range, azimuth_range, mask, correct_solid_angle,
+            polarization_factor, pixel_splitting, dummy, shape,
+        )  # fmt: skip
+
+    def __call__(self, frame: np.ndarray, meta: dict) -> dict[str, Any]:
+        intensity = self._integrate(frame, meta, np.empty(self.npt, dtype=np.float32))
+        return {"radial": self.radial, "intensity": intensity}
+
+
+class Caking(_Integrator):
+    """2D integration: ``cake`` (npt_azim x npt, float32), ``radial`` bin centres and ``azimuthal`` (degrees)."""
+
+    two_d = True
+
+    def __init__(
+        self,
+        *,
+        poni: str,
+        npt: int = 1000,
+        npt_azim: int = 360,
+        unit: str = "2th_deg",
+        radial_range: list | None = None,
+        azimuth_range: list | None = None,
+        mask: str | None = None,
+        correct_solid_angle: bool = True,
+        polarization_factor: float | None = None,
+        pixel_splitting: str = "none",
+        dummy: float | None = None,
+        shape: list | None = None,
+    ):
+        """Parameters as for ``azimuthal``, plus npt_azim: number of azimuthal bins over
+        azimuth_range (default: the pixels' extent within [-180, 180] degrees)."""
+        self._configure(
+            poni, npt, npt_azim, unit, radial_range, azimuth_range, mask, correct_solid_angle,
+            polarization_factor, pixel_splitting, dummy, shape,
+        )  # fmt: skip
+
+    def __call__(self, frame: np.ndarray, meta: dict) -> dict[str, Any]:
+        cake = self._integrate(frame, meta, np.empty((self.npt_azim, self.npt), dtype=np.float32))
+        return {"cake": cake, "radial": self.radial, "azimuthal": self.azimuthal}
