@@ -19,7 +19,15 @@ import tango
 
 from pipelines.definition import DeviceSpec, PipelineDefinition, load_definition
 
-from .database import DeploymentError, database, executable, pid_alive, register, start_embedded_database, stop_process
+from .database import (
+    DeploymentError,
+    database,
+    executable,
+    pid_alive,
+    register,
+    start_embedded_database,
+    stop_process,
+)
 
 READY_STATES = (tango.DevState.ON, tango.DevState.RUNNING)
 
@@ -162,7 +170,7 @@ def wait_ready(definition: PipelineDefinition, tango_host: str, timeout: float =
         if not problems:
             return
         if time.monotonic() > deadline:
-            raise DeploymentError("pipeline not ready after %.0f s:\n  " % timeout + "\n  ".join(problems))
+            raise DeploymentError(f"pipeline not ready after {timeout:.0f} s:\n  " + "\n  ".join(problems))
         time.sleep(0.3)
 
 

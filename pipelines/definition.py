@@ -88,7 +88,7 @@ WRITER = {
 TOP = {
     "name": (Name, REQUIRED, "pipeline name: the Tango domain of its devices (NAME/master/1, ...)"),
     "description": (str, "", "free text"),
-    "host": (str, "", "host that runs the servers (empty: this host)"),
+    "host": (str, "", "host whose Starter runs the servers (empty: this host; tangopipe up always runs them here)"),
     "bind": (str, "127.0.0.1", "address data sockets bind to; '*' for all interfaces"),
     "master": (dict, {}, "the master: " + ", ".join(MASTER)),
     "groups": (dict, REQUIRED, "worker groups by name: " + ", ".join(GROUP)),

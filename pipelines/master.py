@@ -27,7 +27,7 @@ from .sources import FrameSource
 from .transport import BadPeerMessage, Peer, bind_socket, key_of, key_tuple, receive, send
 
 
-class OverflowPolicy(str, enum.Enum):
+class OverflowPolicy(enum.StrEnum):
     BLOCK = "block"
     DROP_NEWEST = "drop_newest"
     DROP_OLDEST = "drop_oldest"
