@@ -623,7 +623,8 @@ class EigerStreamSource:
     as ``(array (y, x), meta)`` and returns at the series end, at :meth:`stop`,
     when another series header arrives (the end was lost), or after
     ``idle_timeout_s`` of silence within the series (None: no limit; external
-    triggers may be far apart). Faulty input is counted by reason in
+    triggers may be far apart). ``scan`` is not consulted: the series header
+    says how many frames come, and the detector decides when. Faulty input is counted by reason in
     :meth:`stats` and described in :attr:`last_error`, never raised. Gaps in the
     frame numbers are ``missing_frames``; their numbers are in
     :attr:`missing_frame_numbers`, those of frames that arrived unusable in

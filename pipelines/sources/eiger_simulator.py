@@ -487,7 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--repeat", type=int, default=1, help="series to send one after the other (default 1)"
     )
     parser.add_argument(
-        "--fault", type=_fault_arg, action="append", default=[], metavar="FRAME:KIND", help="inject a fault"
+        "--fault",
+        type=_fault_arg,
+        action="append",
+        default=[],
+        metavar="FRAME:KIND",
+        help=f"inject a fault into one frame; KIND is one of {', '.join(FAULTS)}",
     )
     parser.add_argument(
         "--send-timeout", type=float, default=None, help="give up when no consumer pulls for this long (s)"

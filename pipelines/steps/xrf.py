@@ -48,7 +48,8 @@ def xrf_reference(
 def channel_window(low: float, high: float, n_channels: int, offset: float, gain: float) -> tuple[int, int]:
     """Channels [start, stop) whose energy ``offset + gain * c`` lies in [low, high]."""
     energy = offset + gain * np.arange(n_channels, dtype=np.float64)
-    inside = np.nonzero((energy >= low) & (energy <= high))[0]
+    slack = 1e-6 * gain  # an edge written as a channel's energy (0.7 keV = 70 x 0.01) includes that channel
+    inside = np.nonzero((energy >= low - slack) & (energy <= high + slack))[0]
     return (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
 
 
