@@ -3,6 +3,7 @@
     tangopipe up config/demo.yaml     register + start servers (embedded DB if no TANGO_HOST)
     tangopipe status [--json]         every device's state, status, endpoint, counters; Lavue address
     tangopipe scan --frames 300       StartScan, frames from the source, EndScan (with progress)
+    tangopipe scale CONFIG workers 4  start or stop workers (also while a scan runs)
     tangopipe down                    stop the servers, then the embedded database
     tangopipe demo                    up + one scan + summary + down
 """
@@ -37,7 +38,7 @@ def _session_and_definition(config: str | None = None) -> tuple[deploy.Session, 
         session = deploy.Session(tango_host=tango_host, config=config)
     if config:
         session.config = config
-    return session, load_definition(session.config)
+    return session, session.definition()
 
 
 # -- status --------------------------------------------------------------------------------
@@ -167,6 +168,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    session, definition = _session_and_definition(args.config)
+    if args.what != "workers":
+        raise DeploymentError(f"can only scale 'workers', not {args.what!r}")
+    group = args.group or next(iter(definition.groups))
+    result = deploy.scale(session, group, args.count)
+    print(json.dumps({"group": group, "workers": args.count, **result}, indent=1))
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     stopped = deploy.down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -241,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", help="extra scan metadata, JSON")
     p.add_argument("--config", help="pipeline definition (default: the one that is up)")
     p.set_defaults(func=cmd_scan)
+    p = sub.add_parser("scale", help="start or stop workers to reach N (also during a scan)")
+    p.add_argument("config", help="the pipeline definition that is up")
+    p.add_argument("what", choices=["workers"], help="what to scale")
+    p.add_argument("count", type=int, help="workers wanted")
+    p.add_argument("--group", help="worker group (default: the first)")
+    p.set_defaults(func=cmd_scale)
     p = sub.add_parser("down", help="stop the servers and the embedded database")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("demo", help="up + one scan + summary + down")

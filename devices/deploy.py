@@ -45,6 +45,15 @@ class Session:
     db_pid: int = 0
     servers: dict[str, int] = field(default_factory=dict)  # "PipelineMaster/demo" -> pid
     started: float = field(default_factory=time.time)
+    workers: dict[str, int] = field(default_factory=dict)  # group -> workers after `tangopipe scale`
+
+    def definition(self) -> PipelineDefinition:
+        """The pipeline as it runs now: its file, with the worker counts set by scale."""
+        definition = load_definition(self.config)
+        for group, count in self.workers.items():
+            if group in definition.groups:
+                definition.groups[group]["workers"] = count
+        return definition
 
     @staticmethod
     def path() -> Path:
@@ -198,6 +207,49 @@ def up(config: str, tango_host: str | None = None, timeout: float = 90.0) -> Ses
         down(session)
         raise
     return session
+
+
+def scale(session: Session, group: str, count: int, timeout: float = 60.0) -> dict[str, list[str]]:
+    """Start or stop workers of ``group`` until it has ``count``; works while a scan runs.
+
+    New workers are registered with the group's properties (so they find the master
+    and the sorter) and started; surplus workers (highest numbers first) are stopped
+    cleanly, their frames going to the others, and removed from the database.
+    """
+    definition = session.definition()
+    if group not in definition.groups:
+        raise DeploymentError(f"no worker group {group!r}; groups are {', '.join(definition.groups)}")
+    if count < 0:
+        raise DeploymentError(f"worker count must be >= 0, got {count}")
+    current = definition.groups[group]["workers"]
+    db = database(session.tango_host)
+    loopback = definition.bind.startswith("127.") or definition.bind == "localhost"
+    added, removed = [], []
+    for n in range(current + 1, count + 1):
+        spec = definition.worker_spec(group, n)
+        register(db, definition, [spec])
+        session.servers[spec.server] = start_server(spec.server, session.tango_host, loopback)
+        added.append(spec.name)
+    for n in range(current, count, -1):
+        spec = definition.worker_spec(group, n)
+        pid = session.servers.pop(spec.server, 0)
+        try:
+            proxy(f"dserver/{spec.server}", session.tango_host, 2000).command_inout("Kill")
+        except tango.DevFailed:
+            pass
+        if pid:
+            deadline = time.monotonic() + 5
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stop_process(pid)
+        db.delete_server(spec.server)
+        removed.append(spec.name)
+    session.workers[group] = count
+    session.save()
+    definition.groups[group]["workers"] = count
+    if added:
+        wait_ready(definition, session.tango_host, timeout, session)
+    return {"added": added, "removed": removed}
 
 
 def down(session: Session | None = None, grace: float = 5.0) -> list[str]:

@@ -23,6 +23,10 @@ class PipelineSorter(PipelineDevice):
     ReorderWindow = device_property(dtype=int, default_value=256, doc="results buffered at most while waiting for an index")
     GapTimeout = device_property(dtype=float, default_value=10.0, doc="seconds before a missing index becomes a gap")
     OutboxCapacity = device_property(dtype=int, default_value=64, doc="messages held per consumer before backpressure")
+    BatchSize = device_property(dtype=int, default_value=1, doc="results sent downstream per message at most")
+    BatchLatencyMs = device_property(
+        dtype=float, default_value=20.0, doc="a partial batch is sent once its oldest result waited this long"
+    )
 
     MissingFrames = counter("MissingFrames", "frames", "indices given up on (gap records sent downstream)")
     Duplicates = counter("Duplicates", "results", "duplicate results dropped (frames dispatched twice)")
@@ -40,6 +44,8 @@ class PipelineSorter(PipelineDevice):
             window=self.ReorderWindow,
             gap_timeout_s=self.GapTimeout,
             outbox_capacity=self.OutboxCapacity,
+            batch_size=self.BatchSize,
+            batch_latency_ms=self.BatchLatencyMs,
         )
 
     def event_attributes(self) -> list[str]:

@@ -14,7 +14,7 @@ import zmq
 
 from . import message as m
 from .engine import Engine, Health
-from .transport import BadPeerMessage, UpstreamLink, receive
+from .transport import BadPeerMessage, UpstreamLink, receive_many
 
 
 class ConsumerEngine(Engine):
@@ -44,20 +44,21 @@ class ConsumerEngine(Engine):
         if self.link.sock.poll(self.POLL_MS, zmq.POLLIN):
             for _ in range(64):
                 try:
-                    _, msg = receive(self.link.sock, flags=zmq.NOBLOCK)
+                    msgs = receive_many(self.link.sock, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 except BadPeerMessage as exc:
                     self.stats.bad.record(exc.reason, exc.detail)
                     continue
-                if msg.kind == m.HELLO:  # the sorter restarted and does not know us
+                if msgs[0].kind == m.HELLO:  # the sorter restarted and does not know us
                     self.link.hello()
                     continue
-                if msg.kind not in m.DATA_KINDS:
-                    self.stats.bad.record("unexpected_kind", f"{msg.kind} from the sorter")
-                    continue
-                self._dispatch(msg)
-                self._owed += 1
+                for msg in msgs:
+                    if msg.kind in m.DATA_KINDS:
+                        self._dispatch(msg)
+                    else:
+                        self.stats.bad.record("unexpected_kind", f"{msg.kind} from the sorter")
+                self._owed += 1  # one credit per message or batch
         if self._owed and not self.blocked():
             self.link.grant(self._owed)
             self._owed = 0

@@ -63,6 +63,8 @@ SORTER = {
     "window": (Positive, 256, "reorder window: results buffered at most while waiting for a missing index"),
     "gap_timeout_s": (float, 10.0, "a missing index becomes a gap record after this long"),
     "outbox_capacity": (Positive, 64, "ordered messages held per consumer before backpressure"),
+    "batch_size": (Positive, 1, "results per downstream message at most (fewer messages at high rates)"),
+    "batch_latency_ms": (float, 20.0, "a partial batch leaves once its oldest result waited this long"),
 }
 GROUP = {
     "workers": (Positive, 1, "number of workers"),
@@ -312,6 +314,8 @@ class PipelineDefinition:
                         "ReorderWindow": s["window"],
                         "GapTimeout": s["gap_timeout_s"],
                         "OutboxCapacity": s["outbox_capacity"],
+                        "BatchSize": s["batch_size"],
+                        "BatchLatencyMs": s["batch_latency_ms"],
                     },
                     "sorter",
                 )

@@ -36,8 +36,10 @@ CREDIT = "credit"
 QUERY = "query"
 REPLY = "reply"
 BYE = "bye"
+BATCH = "batch"  # several messages in one multipart message (sorter -> consumers)
 DATA_KINDS = frozenset({SCAN_START, FRAME, RESULT, SCAN_END, GAP})
-KINDS = DATA_KINDS | {HEARTBEAT, HELLO, CREDIT, QUERY, REPLY, BYE}
+KINDS = DATA_KINDS | {HEARTBEAT, HELLO, CREDIT, QUERY, REPLY, BYE, BATCH}
+MAX_BATCH = 1024
 
 #: dtypes a buffer may have: numeric only, both byte orders.
 ALLOWED_DTYPES = frozenset(
@@ -273,3 +275,44 @@ def decode(frames: Sequence[Any]) -> Message:
 def control(kind: str, **body: Any) -> Message:
     """A small control message (hello, credit, heartbeat, bye, query, reply)."""
     return Message(kind=kind, body=body)
+
+
+def encode_batch(msgs: Sequence[Message]) -> list:
+    """Several messages as one multipart message: a small header listing how many
+    parts each has, then each message's parts (buffers still not copied)."""
+    encoded = [encode(msg) for msg in msgs]
+    header = {"protocol": PROTOCOL, "kind": BATCH, "body": {"parts": [len(e) for e in encoded]}}
+    return [json.dumps(header).encode()] + [part for e in encoded for part in e]
+
+
+def decode_many(frames: Sequence[Any]) -> list[Message]:
+    """Decode a message or a batch of messages into a list (validated as decode does)."""
+    if not frames:
+        raise BadMessage("no_parts", "empty message")
+    first = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
+    if len(first) > 200 or b'"batch"' not in bytes(first):
+        return [decode(frames)]
+    try:
+        header = json.loads(bytes(first))
+    except ValueError as exc:
+        raise BadMessage("bad_json", f"header is not JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(header, dict) or header.get("kind") != BATCH:
+        return [decode(frames)]
+    if header.get("protocol") != PROTOCOL:
+        raise BadMessage("bad_protocol", f"protocol {str(header.get('protocol'))[:40]!r}, expected {PROTOCOL!r}")
+    parts = header.get("body", {}).get("parts") if isinstance(header.get("body"), dict) else None
+    if (
+        not isinstance(parts, list)
+        or not 0 < len(parts) <= MAX_BATCH
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in parts)
+        or sum(parts) != len(frames) - 1
+    ):
+        raise BadMessage("bad_batch", f"batch part counts {str(parts)[:60]} do not match {len(frames) - 1} parts")
+    out, start = [], 1
+    for n in parts:
+        msg = decode(frames[start : start + n])
+        if msg.kind == BATCH:
+            raise BadMessage("bad_batch", "a batch inside a batch")
+        out.append(msg)
+        start += n
+    return out

@@ -167,6 +167,8 @@ class SorterEngine(Engine):
         gap_timeout_s: float = 10.0,
         outbox_capacity: int = 64,
         consumer_timeout_s: float = 5.0,
+        batch_size: int = 1,
+        batch_latency_ms: float = 20.0,
         context: zmq.Context | None = None,
     ):
         super().__init__(name, context)
@@ -175,6 +177,12 @@ class SorterEngine(Engine):
         self.ports = (collect_port, data_port)
         self.outbox_capacity = outbox_capacity
         self.consumer_timeout_s = consumer_timeout_s
+        if not 1 <= batch_size <= m.MAX_BATCH:
+            raise ValueError(f"BatchSize must be between 1 and {m.MAX_BATCH}, got {batch_size}")
+        self.batch_size = batch_size
+        self.batch_latency_s = batch_latency_ms / 1000.0
+        self._waiting_since: dict[bytes, float] = {}
+        self.batches_sent = 0
         self.collect_endpoint = ""
         self.endpoint = ""
         self.consumers: dict[bytes, Peer] = {}
@@ -256,17 +264,35 @@ class SorterEngine(Engine):
             self.emit("ordered", msg)
 
     def _send_all(self) -> None:
+        """Send each consumer what it has credit for: single messages, or batches of up
+        to ``batch_size`` once that many wait or the oldest waited ``batch_latency``."""
         assert self._router is not None
+        now = time.monotonic()
         for identity, outbox in self._outboxes.items():
             peer = self.consumers[identity]
+            if not outbox:
+                self._waiting_since.pop(identity, None)
+                continue
+            since = self._waiting_since.setdefault(identity, now)
             while outbox and peer.credit > 0:
+                if self.batch_size == 1:
+                    chunk: m.Message | list[m.Message] = outbox[0]
+                    count = 1
+                else:
+                    if len(outbox) < self.batch_size and now - since < self.batch_latency_s:
+                        break
+                    count = min(self.batch_size, len(outbox))
+                    chunk = [outbox[i] for i in range(count)]
                 try:
-                    send(self._router, outbox[0], identity, zmq.NOBLOCK)
+                    send(self._router, chunk, identity, zmq.NOBLOCK)
                 except zmq.ZMQError:
                     break
-                outbox.popleft()
+                for _ in range(count):
+                    outbox.popleft()
                 peer.credit -= 1
-                peer.sent += 1
+                peer.sent += count
+                self.batches_sent += 1
+                self._waiting_since[identity] = since = now
 
     def _serve_consumers(self) -> None:
         assert self._router is not None
@@ -368,5 +394,6 @@ class SorterEngine(Engine):
             LateResults=self.reorder.late,
             Consumers=len(self.consumers),
             Undelivered=self.undelivered,
+            BatchesSent=self.batches_sent,
         )
         return c

@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from .message import BadMessage, Message, decode, encode
+from .message import BadMessage, Message, decode, decode_many, encode, encode_batch
 
 
 def advertised_host(bind: str) -> str:
@@ -44,8 +44,9 @@ def bind_socket(context: zmq.Context, kind: int, bind: str = "127.0.0.1", port: 
     return sock, f"tcp://{advertised_host(bind)}:{port}"
 
 
-def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None, flags: int = 0) -> None:
-    parts = encode(msg)
+def send(sock: zmq.Socket, msg: Message | list[Message], identity: bytes | None = None, flags: int = 0) -> None:
+    """Send one message, or a list of messages as one batch (one credit)."""
+    parts = encode_batch(msg) if isinstance(msg, list) else encode(msg)
     if identity is not None:
         parts = [identity, *parts]
     sock.send_multipart(parts, copy=False, flags=flags)
@@ -70,6 +71,15 @@ def receive(sock: zmq.Socket, routed: bool = False, flags: int = 0) -> tuple[byt
         return identity, decode(frames)
     except BadMessage as exc:
         raise BadPeerMessage(exc, identity) from None
+
+
+def receive_many(sock: zmq.Socket, flags: int = 0) -> list[Message]:
+    """Receive one message or batch (DEALER/PULL side); BadPeerMessage if malformed."""
+    frames = sock.recv_multipart(copy=False, flags=flags)
+    try:
+        return decode_many(frames)
+    except BadMessage as exc:
+        raise BadPeerMessage(exc, None) from None
 
 
 def new_identity(name: str) -> bytes:

@@ -43,11 +43,11 @@ def demo_config(folder: Path, **changes) -> Path:
 
 
 class Deployed:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, config: Path | None = None):
         self.folder = folder
         self.state = folder / "state"
         self.env = user_env(self.state)
-        self.config = demo_config(folder)
+        self.config = config or demo_config(folder)
         tangopipe("up", str(self.config), env=self.env, cwd=folder)
         self.session = json.loads((self.state / "session.json").read_text())
         self.tango_host = self.session["tango_host"]

@@ -217,3 +217,15 @@ def test_credit_limits_frames_held_by_each_worker(tmp_path):
         assert p.writer.frames_written == 10
     finally:
         p.stop()
+
+
+def test_sorter_batches_results_downstream_without_changing_them(tmp_path):
+    p = Pipeline(tmp_path, workers=2)
+    p.sorter.batch_size = 8
+    try:
+        path = p.scan(100)
+        with h5py.File(path) as f:
+            assert list(f["entry/main/index"][:]) == list(range(100)) and f["entry/main/valid"][:].all()
+        assert p.sorter.batches_sent < 2 * 102 / 2  # two consumers, far fewer messages than results
+    finally:
+        p.stop()

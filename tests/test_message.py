@@ -102,3 +102,19 @@ def test_pickle_payload_is_never_unpickled():
 
     with pytest.raises(m.BadMessage):
         m.decode([pickle.dumps(Boom()), GOOD_BUFFER])
+
+
+def test_batches_round_trip_and_reject_inconsistent_part_counts():
+    msgs = [m.Message(m.RESULT, scan=1, index=i, stream="s", arrays={"a": np.full(3, i)}) for i in range(5)]
+    out = m.decode_many([bytes(p) for p in m.encode_batch(msgs)])
+    assert [x.index for x in out] == list(range(5))
+    np.testing.assert_array_equal(out[4].arrays["a"], [4, 4, 4])
+    single = m.encode(msgs[0])
+    assert [x.index for x in m.decode_many(single)] == [0]
+    frames = [bytes(p) for p in m.encode_batch(msgs)]
+    with pytest.raises(m.BadMessage) as info:
+        m.decode_many(frames[:-1])
+    assert info.value.reason == "bad_batch"
+    nested = [json.dumps({"protocol": m.PROTOCOL, "kind": "batch", "body": {"parts": [len(frames)]}}).encode(), *frames]
+    with pytest.raises(m.BadMessage):
+        m.decode_many(nested)

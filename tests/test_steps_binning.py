@@ -52,7 +52,10 @@ def test_roi_stats_preview_is_unchanged(frame):
 def test_binning_replaces_the_frame_for_later_steps():
     frame = np.ones((64, 48), np.uint16)
     chain = StepChain(
-        [{"binning": {"factor": [4, 2], "mode": "sum", "output": "frame"}}, {"roi": {"rois": {"all": [0, 16, 0, 24]}}}]
+        [
+            {"binning": {"factor": [4, 2], "mode": "sum", "output": "frame"}},
+            {"roi": {"rois": {"all": [0, 16, 0, 24]}}},
+        ]
     )
     out = chain(frame, {})
     assert out["all_sum"] == 64 * 48 and out["all_mean"] == 8.0

@@ -33,7 +33,9 @@ def test_counts_the_photons_that_were_there(tmp_path, exposure):
     raw, photons, pedestal, gain = exposure
     np.save(tmp_path / "pedestal.npy", pedestal)
     np.save(tmp_path / "gain.npy", gain)
-    step = load_step({"photon_count": {"pedestal": str(tmp_path / "pedestal.npy"), "gain": str(tmp_path / "gain.npy")}})
+    step = load_step(
+        {"photon_count": {"pedestal": str(tmp_path / "pedestal.npy"), "gain": str(tmp_path / "gain.npy")}}
+    )
     out = step(raw, {})
     assert out["photons"].dtype == np.int32
     np.testing.assert_array_equal(out["photons"], photons)

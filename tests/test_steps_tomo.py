@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from pipelines.steps import StepConfigError, load_step
-from pipelines.steps.tomo import SinogramAssembler, backproject_kernel, backproject_reference, fbp, fbp_reference
+from pipelines.steps.tomo import (
+    SinogramAssembler,
+    backproject_kernel,
+    backproject_reference,
+    fbp,
+    fbp_reference,
+)
 
 SIZE = 128
 # disks: (row, col) offsets from the centre, radius, attenuation per pixel
@@ -40,7 +46,9 @@ def test_backprojector_matches_numpy():
     for centre, size in [(50.0, 101), (47.3, 64)]:
         out = np.empty((size, size))
         backproject_kernel(filtered, np.cos(radians), np.sin(radians), centre, out)
-        np.testing.assert_allclose(out, backproject_reference(filtered, angles, centre, size), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(
+            out, backproject_reference(filtered, angles, centre, size), rtol=1e-9, atol=1e-9
+        )
 
 
 def test_fbp_reconstructs_the_phantom():
@@ -54,7 +62,11 @@ def test_fbp_reconstructs_the_phantom():
     y, x = np.mgrid[0:SIZE, 0:SIZE] - c
     inner = (x - 10) ** 2 + (y + 15) ** 2 <= 8**2  # well inside the small bright disk
     assert image[inner].mean() == pytest.approx(0.05, rel=0.05)
-    body = ((x**2 + y**2) <= 40**2) & ((x - 10) ** 2 + (y + 15) ** 2 > 14**2) & ((x + 18) ** 2 + (y - 20) ** 2 > 10**2)
+    body = (
+        ((x**2 + y**2) <= 40**2)
+        & ((x - 10) ** 2 + (y + 15) ** 2 > 14**2)
+        & ((x + 18) ** 2 + (y - 20) ** 2 > 10**2)
+    )
     assert image[body].mean() == pytest.approx(0.02, rel=0.05)
     assert np.corrcoef(image.ravel(), truth.ravel())[0, 1] > 0.95
 

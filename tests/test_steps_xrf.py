@@ -13,7 +13,9 @@ def spectra(n_detectors=7, n_channels=4096, seed=15):
     """Fe K-alpha (6.40 keV) and Cu K-alpha (8.05 keV) lines on a flat background, per detector element."""
     rng = np.random.default_rng(seed)
     energy = OFFSET + GAIN * np.arange(n_channels)
-    shape = 5 + 800 * np.exp(-(((energy - 6.40) / 0.07) ** 2)) + 300 * np.exp(-(((energy - 8.05) / 0.08) ** 2))
+    shape = (
+        5 + 800 * np.exp(-(((energy - 6.40) / 0.07) ** 2)) + 300 * np.exp(-(((energy - 8.05) / 0.08) ** 2))
+    )
     return rng.poisson(shape, (n_detectors, n_channels)).astype(np.uint32)
 
 
@@ -21,7 +23,9 @@ def test_kernel_equals_numpy_exactly():
     data = spectra()
     detectors = np.array([0, 2, 3, 6])
     windows = [(600, 700), (0, 4096), (4095, 4096), (10, 10)]
-    total, sums = xrf_kernel(data, detectors, np.array([w[0] for w in windows]), np.array([w[1] for w in windows]))
+    total, sums = xrf_kernel(
+        data, detectors, np.array([w[0] for w in windows]), np.array([w[1] for w in windows])
+    )
     expected_total, expected_sums = xrf_reference(data, detectors, windows)
     np.testing.assert_array_equal(total, expected_total)
     np.testing.assert_array_equal(sums, expected_sums)

@@ -23,8 +23,9 @@ _NOISE_VARIANTS = 7
 class SimulatedDetector:
     """Frame source for demos and tests.
 
-    ``frames`` is the default number of frames per scan (StartScan's ``frames``
-    overrides it); ``rate_hz`` the acquisition rate (0: as fast as possible).
+    ``frames`` is the default number of frames per scan and ``rate_hz`` the
+    acquisition rate (0: as fast as possible); StartScan's metadata keys
+    ``frames`` and ``rate_hz`` override them for one scan.
     """
 
     def __init__(
@@ -85,8 +86,9 @@ class SimulatedDetector:
 
     def frames(self, scan: Mapping[str, Any]) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         count = int(scan.get("frames", self.default_frames))
+        rate_hz = float(scan.get("rate_hz", self.rate_hz))  # a scan may ask for another rate
         self._stop.clear()
-        period = 1.0 / self.rate_hz if self.rate_hz > 0 else 0.0
+        period = 1.0 / rate_hz if rate_hz > 0 else 0.0
         start = time.perf_counter()
         for i in range(count):
             if self._stop.is_set():

@@ -276,156 +276,257 @@ def _share(k, b_lo, b_hi, f_lo, f_hi):
 
 
 @numba.njit(cache=True)
-def _build_csr(
-    radial, radial_delta, chi, chi_delta, keep, r_lower, r_delta, n_r, a_lower, a_delta, a_upper_in, n_a, mode
-):
-    """CSR of the pixel -> bin map. ``mode`` 0: 1D; 1: 1D keeping chi in [a_lower, a_upper_in];
-    2: 2D with row = azimuth_bin * n_r + radial_bin. Empty delta arrays mean no splitting.
-    Two passes over the pixels: count entries per bin, then fill them (indices ascending)."""
-    size = radial.size
-    n_rows = n_r * n_a if mode == 2 else n_r
+def _scan_pixels(
+    radial, radial_delta, chi, chi_delta, keep, r_lower, r_delta, n_r, a_lower, a_delta, a_upper_in, n_a, mode,
+    fill, counts, block_of_row, block_rows, cursor, indices, local_rows, weights,
+):  # fmt: skip
+    """Visit every (pixel, bin, weight) entry of the pixel -> bin map, pixels in ascending order.
+
+    ``mode`` 0: 1D; 1: 1D keeping only chi in [a_lower, a_upper_in]; 2: 2D, row =
+    azimuth_bin * n_r + radial_bin. Empty delta arrays mean no splitting. With
+    ``fill`` 0 the entries are counted per row; with 1 each is appended to its row's
+    block (so a block's entries come in pixel order).
+    """
     split_r = radial_delta.size > 0
     split_a = chi_delta.size > 0
-    counts = np.zeros(n_rows + 1, dtype=np.int64)
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    indices = np.empty(0, dtype=np.int32)
-    weights = np.empty(0, dtype=np.float32)
-    for fill in range(2):
-        if fill == 1:
-            for b in range(n_rows):
-                indptr[b + 1] = indptr[b] + counts[b]
-            indices = np.empty(indptr[n_rows], dtype=np.int32)
-            weights = np.empty(indptr[n_rows], dtype=np.float32)
-            counts[:] = 0
-        for i in range(size):
-            if not keep[i]:
+    for i in range(radial.size):
+        if not keep[i]:
+            continue
+        c0 = radial[i]
+        d0 = radial_delta[i] if split_r else 0.0
+        if mode == 1:
+            c1 = chi[i]
+            d1 = chi_delta[i] if split_a else 0.0
+            if c1 + d1 < a_lower or c1 - d1 > a_upper_in:
                 continue
-            c0 = radial[i]
-            d0 = radial_delta[i] if split_r else 0.0
-            if mode == 1:
-                c1 = chi[i]
-                d1 = chi_delta[i] if split_a else 0.0
-                if c1 + d1 < a_lower or c1 - d1 > a_upper_in:
-                    continue
-            f0_lo = ((c0 - d0) - r_lower) / r_delta
-            f0_hi = ((c0 + d0) - r_lower) / r_delta
-            b0_lo, b0_hi = _clip_span(f0_lo, f0_hi, n_r)
-            if b0_hi < b0_lo:
+        f0_lo = ((c0 - d0) - r_lower) / r_delta
+        f0_hi = ((c0 + d0) - r_lower) / r_delta
+        b0_lo, b0_hi = _clip_span(f0_lo, f0_hi, n_r)
+        if b0_hi < b0_lo:
+            continue
+        b1_lo, b1_hi = 0, 0
+        f1_lo, f1_hi = 0.0, 0.0
+        if mode == 2:
+            c1 = chi[i]
+            d1 = chi_delta[i] if split_a else 0.0
+            f1_lo = ((c1 - d1) - a_lower) / a_delta
+            f1_hi = ((c1 + d1) - a_lower) / a_delta
+            b1_lo, b1_hi = _clip_span(f1_lo, f1_hi, n_a)
+            if b1_hi < b1_lo:
                 continue
-            b1_lo, b1_hi = 0, 0
-            f1_lo, f1_hi = 0.0, 0.0
-            if mode == 2:
-                c1 = chi[i]
-                d1 = chi_delta[i] if split_a else 0.0
-                f1_lo = ((c1 - d1) - a_lower) / a_delta
-                f1_hi = ((c1 + d1) - a_lower) / a_delta
-                b1_lo, b1_hi = _clip_span(f1_lo, f1_hi, n_a)
-                if b1_hi < b1_lo:
-                    continue
-            for k1 in range(b1_lo, b1_hi + 1):
-                w1 = _share(k1, b1_lo, b1_hi, f1_lo, f1_hi) if mode == 2 else 1.0
-                for k0 in range(b0_lo, b0_hi + 1):
-                    row = k1 * n_r + k0
-                    if fill == 1:
-                        at = indptr[row] + counts[row]
-                        indices[at] = i
-                        weights[at] = w1 * _share(k0, b0_lo, b0_hi, f0_lo, f0_hi)
+        for k1 in range(b1_lo, b1_hi + 1):
+            w1 = _share(k1, b1_lo, b1_hi, f1_lo, f1_hi) if mode == 2 else 1.0
+            for k0 in range(b0_lo, b0_hi + 1):
+                row = k1 * n_r + k0
+                if fill == 0:
                     counts[row] += 1
-    return indptr, indices, weights
+                else:
+                    block = block_of_row[row]
+                    at = cursor[block]
+                    indices[at] = i
+                    local_rows[at] = row - block_rows[block]
+                    weights[at] = w1 * _share(k0, b0_lo, b0_hi, f0_lo, f0_hi)
+                    cursor[block] = at + 1
 
 
-def _chunk_bounds(indptr: np.ndarray, chunks: int) -> np.ndarray:
-    """Contiguous bin ranges with about equal numbers of matrix entries, one task each."""
-    n_rows = indptr.size - 1
-    targets = np.linspace(0, indptr[-1], chunks + 1)
-    bounds = np.searchsorted(indptr, targets, side="left").clip(0, n_rows)
-    bounds[0], bounds[-1] = 0, n_rows
-    return np.unique(bounds).astype(np.int64)
+@numba.njit(cache=True)
+def _block_bounds(counts, target, max_rows):
+    """Split rows into consecutive blocks of about ``target`` entries and at most ``max_rows`` rows."""
+    n_rows = counts.size
+    bounds = np.empty(n_rows + 1, dtype=np.int64)
+    bounds[0] = 0
+    n = 0
+    filled = 0
+    first = 0
+    for r in range(n_rows):
+        filled += counts[r]
+        if filled >= target or r + 1 - first >= max_rows:
+            n += 1
+            bounds[n] = r + 1
+            first = r + 1
+            filled = 0
+    if bounds[n] != n_rows:
+        n += 1
+        bounds[n] = n_rows
+    return bounds[: n + 1].copy()
+
+
+@dataclass
+class PixelBinMatrix:
+    """The sparse pixel -> bin matrix (rows = bins, columns = pixels), row-compressed by blocks.
+
+    Consecutive rows (bins) are grouped in blocks of about equal numbers of entries;
+    ``block_rows``/``block_ptr`` give each block's first row and first entry (CSR's
+    ``indptr`` at block granularity). Within a block the entries are stored in pixel
+    order, each with its row inside the block (``local_rows``), so that a block's
+    pass over the frame walks memory forwards once instead of once per bin.
+    ``weights`` is empty when every weight is 1 (no pixel splitting).
+    """
+
+    n_rows: int
+    block_rows: np.ndarray  # int64, n_blocks + 1
+    block_ptr: np.ndarray  # int64, n_blocks + 1
+    indices: np.ndarray  # int32 pixel index (flattened frame)
+    local_rows: np.ndarray  # uint16 row - block_rows[block]
+    weights: np.ndarray  # float32, or empty for all ones
+
+    @property
+    def nnz(self) -> int:
+        return int(self.block_ptr[-1])
+
+    def to_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The plain CSR (indptr, indices, weights as float32) with each row's entries in pixel order."""
+        block_of_entry = np.repeat(np.arange(self.block_rows.size - 1), np.diff(self.block_ptr))
+        rows = self.block_rows[block_of_entry] + self.local_rows
+        order = np.argsort(rows, kind="stable")
+        indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
+        weights = self.weights[order] if self.weights.size else np.ones(self.nnz, dtype=np.float32)
+        return indptr, self.indices[order], weights
+
+
+#: Blocks per thread: few blocks keep each block's pass over the frame long and forward.
+BLOCKS_PER_THREAD = 2
+#: At most this many bins per block (the row-in-block index is a uint16).
+MAX_BLOCK_ROWS = 4096
+
+
+def build_matrix(
+    pixels: PixelTable,
+    radial_axis: BinAxis,
+    azimuth_axis: BinAxis | None,
+    chi_filter: tuple[float, float] | None,
+    split: bool,
+    blocks: int | None = None,
+) -> PixelBinMatrix:
+    """The pixel -> bin matrix of pyFAI's CSR engine (same entries, same float32 weights)."""
+    empty = np.empty(0)
+    r = radial_axis
+    if azimuth_axis is not None:
+        a = azimuth_axis
+        mode, a_args = 2, (a.lower, a.delta, a.upper_in, a.n)
+    elif chi_filter is not None:
+        mode, a_args = 1, (chi_filter[0], 1.0, chi_filter[1], 1)
+    else:
+        mode, a_args = 0, (0.0, 1.0, 0.0, 1)
+    n_rows = r.n * (a_args[3] if mode == 2 else 1)
+    geometry_args = (
+        pixels.radial,
+        pixels.radial_delta if split else empty,
+        pixels.chi if pixels.chi is not None else empty,
+        pixels.chi_delta if (split and pixels.chi_delta is not None) else empty,
+        pixels.keep,
+        r.lower,
+        r.delta,
+        r.n,
+        *a_args,
+        mode,
+    )
+    counts = np.zeros(n_rows, dtype=np.int64)
+    no_i64, no_i32, no_u16, no_f32 = (np.empty(0, t) for t in (np.int64, np.int32, np.uint16, np.float32))
+    _scan_pixels(*geometry_args, 0, counts, no_i64, no_i64, no_i64, no_i32, no_u16, no_f32)
+    nnz = int(counts.sum())
+    if nnz >= 2**31:
+        raise ValueError("the pixel-to-bin table has more than 2**31 entries; use fewer bins")
+    blocks = blocks or BLOCKS_PER_THREAD * numba.get_num_threads()
+    block_rows = _block_bounds(counts, max(1, -(-nnz // blocks)), MAX_BLOCK_ROWS)
+    block_ptr = np.zeros(block_rows.size, dtype=np.int64)
+    np.cumsum(np.add.reduceat(counts, block_rows[:-1]) if n_rows else [], out=block_ptr[1:])
+    block_of_row = np.repeat(np.arange(block_rows.size - 1), np.diff(block_rows))
+    indices = np.empty(nnz, dtype=np.int32)
+    local_rows = np.empty(nnz, dtype=np.uint16)
+    weights = np.empty(nnz, dtype=np.float32)
+    _scan_pixels(*geometry_args, 1, no_i64, block_of_row, block_rows, block_ptr[:-1].copy(), indices, local_rows, weights)
+    if not split or bool(np.all(weights == 1.0)):
+        weights = no_f32  # every weight is 1: the kernel then reads no weights at all
+    return PixelBinMatrix(n_rows, block_rows, block_ptr, indices, local_rows, weights)
 
 
 # ---------------------------------------------------------------- per-frame kernel
 
 
-@numba.njit(cache=True, inline="always")
-def _careful_bin(frame, start, stop, indices, weights, pixel_norm, check_dummy, dummy, pixel_mask, empty):
-    """One bin, skipping NaN / dummy / masked pixels in the signal and the normalisation."""
+@numba.njit(cache=True)
+def _careful_block(frame, m_block_rows, m_block_ptr, block, indices, local_rows, weights, pixel_norm,
+                   check_dummy, dummy, pixel_mask, empty, out):  # fmt: skip
+    """One block again, leaving out NaN / dummy / masked pixels from signal and normalisation."""
+    r0 = m_block_rows[block]
+    n = m_block_rows[block + 1] - r0
     unit = weights.size == 0
     check_mask = pixel_mask.size > 0
-    signal = 0.0
-    normalization = 0.0
-    for j in range(start, stop):
+    signal = np.zeros(n)
+    normalization = np.zeros(n)
+    for j in range(m_block_ptr[block], m_block_ptr[block + 1]):
         idx = indices[j]
         v = frame[idx]
-        if v != v:
-            continue
-        if check_dummy and v == dummy:
-            continue
-        if check_mask and pixel_mask[idx] != 0:
+        if v != v or (check_dummy and v == dummy) or (check_mask and pixel_mask[idx] != 0):
             continue
         w = 1.0 if unit else np.float64(weights[j])
-        signal += w * v
-        normalization += w * np.float64(pixel_norm[idx])
-    if normalization > 0.0:
-        return signal / normalization
-    return empty
+        k = local_rows[j]
+        signal[k] += w * v
+        normalization[k] += w * np.float64(pixel_norm[idx])
+    for k in range(n):
+        out[r0 + k] = signal[k] / normalization[k] if normalization[k] > 0.0 else empty
 
 
 @numba.njit(parallel=True, cache=True)
-def csr_integrate(frame, indptr, indices, weights, denominator, pixel_norm, chunks, check_dummy, dummy, pixel_mask, empty, out):
-    """out[b] = sum_j w_j frame[idx_j] / denominator[b] over CSR row b, in parallel over bin chunks.
+def matrix_integrate(frame, block_rows, block_ptr, indices, local_rows, weights, denominator, pixel_norm,
+                     check_dummy, dummy, pixel_mask, empty, acc0, acc1, out):  # fmt: skip
+    """out[row] = (sum_j w_j frame[idx_j]) / denominator[row]: the matrix-vector product, parallel over blocks of bins.
 
-    ``weights`` empty means all weights are 1 (no splitting: only indices are read).
-    A bin whose sum comes out NaN (a NaN pixel) is summed again without its bad
-    pixels; with a dummy value or a per-frame ``pixel_mask`` (non-empty) every bin
-    takes that careful path.
+    ``acc0``/``acc1`` are scratch rows (int64 for integer frames without weights:
+    exact sums; float64 otherwise); two of them let consecutive entries update
+    different memory. A block with a NaN sum (a NaN pixel) is summed again without
+    its bad pixels; with a dummy value or a per-frame ``pixel_mask`` (non-empty)
+    every block takes that careful path.
     """
     unit = weights.size == 0
     careful = check_dummy or pixel_mask.size > 0
-    for c in numba.prange(chunks.size - 1):
-        for b in range(chunks[c], chunks[c + 1]):
-            start = indptr[b]
-            stop = indptr[b + 1]
-            if careful:
-                out[b] = _careful_bin(frame, start, stop, indices, weights, pixel_norm, check_dummy, dummy, pixel_mask, empty)
-                continue
-            s0 = 0.0
-            s1 = 0.0
-            j = start
+    for block in numba.prange(block_rows.size - 1):
+        r0 = block_rows[block]
+        r1 = block_rows[block + 1]
+        redo = careful
+        if not careful:
+            a0 = acc0[r0:r1]
+            a1 = acc1[r0:r1]
+            a0[:] = 0
+            a1[:] = 0
+            j = block_ptr[block]
+            stop = block_ptr[block + 1]
             if unit:
                 while j + 1 < stop:
-                    s0 += frame[indices[j]]
-                    s1 += frame[indices[j + 1]]
+                    a0[local_rows[j]] += frame[indices[j]]
+                    a1[local_rows[j + 1]] += frame[indices[j + 1]]
                     j += 2
                 if j < stop:
-                    s0 += frame[indices[j]]
+                    a0[local_rows[j]] += frame[indices[j]]
             else:
                 while j + 1 < stop:
-                    s0 += weights[j] * np.float64(frame[indices[j]])
-                    s1 += weights[j + 1] * np.float64(frame[indices[j + 1]])
+                    a0[local_rows[j]] += weights[j] * np.float64(frame[indices[j]])
+                    a1[local_rows[j + 1]] += weights[j + 1] * np.float64(frame[indices[j + 1]])
                     j += 2
                 if j < stop:
-                    s0 += weights[j] * np.float64(frame[indices[j]])
-            s = s0 + s1
-            if s != s:
-                out[b] = _careful_bin(frame, start, stop, indices, weights, pixel_norm, check_dummy, dummy, pixel_mask, empty)
-            elif denominator[b] > 0.0:
-                out[b] = s / denominator[b]
-            else:
-                out[b] = empty
+                    a0[local_rows[j]] += weights[j] * np.float64(frame[indices[j]])
+            for r in range(r0, r1):
+                s = np.float64(acc0[r]) + np.float64(acc1[r])
+                if s != s:
+                    redo = True
+                    break
+                out[r] = s / denominator[r] if denominator[r] > 0.0 else empty
+        if redo:
+            _careful_block(frame, block_rows, block_ptr, block, indices, local_rows, weights, pixel_norm,
+                           check_dummy, dummy, pixel_mask, empty, out)  # fmt: skip
 
 
 @numba.njit(parallel=True, cache=True)
-def csr_row_sums(vector, indptr, indices, weights):
-    """sum_j w_j vector[idx_j] per CSR row, float64 (the frame-independent normalisation)."""
-    n_rows = indptr.size - 1
-    out = np.zeros(n_rows)
+def matrix_row_sums(vector, block_rows, block_ptr, indices, local_rows, weights):
+    """sum_j w_j vector[idx_j] per row, float64: the frame-independent normalisation."""
+    out = np.zeros(block_rows[-1])
     unit = weights.size == 0
-    for b in numba.prange(n_rows):
-        s = 0.0
-        for j in range(indptr[b], indptr[b + 1]):
+    for block in numba.prange(block_rows.size - 1):
+        r0 = block_rows[block]
+        for j in range(block_ptr[block], block_ptr[block + 1]):
             w = 1.0 if unit else np.float64(weights[j])
-            s += w * np.float64(vector[indices[j]])
-        out[b] = s
+            out[r0 + local_rows[j]] += w * np.float64(vector[indices[j]])
     return out
 
 
@@ -556,42 +657,20 @@ class _Integrator:
         )
 
     def _build(self, shape: tuple[int, int]) -> None:
-        """Bins, CSR matrix, normalisation sums and thread chunks: everything frame-independent."""
+        """Bins, the pixel -> bin matrix and its normalisation sums: everything frame-independent."""
         pixels = self.pixel_table(shape)
         self.radial_axis = radial_bins(pixels, self.npt, self.radial_range, self.unit.scale)
-        empty = np.empty(0)
+        self.azimuth_axis: BinAxis | None = None
         if self.two_d:
-            self.azimuth_axis: BinAxis | None = azimuth_bins(pixels, self.npt_azim, self.chi_range)
-            a = self.azimuth_axis
-            mode, a_args = 2, (a.lower, a.delta, a.upper_in, a.n)
-        elif self.chi_range is not None:
-            self.azimuth_axis = None
-            mode, a_args = 1, (self.chi_range[0], 1.0, self.chi_range[1], 1)
-        else:
-            self.azimuth_axis = None
-            mode, a_args = 0, (0.0, 1.0, 0.0, 1)
+            self.azimuth_axis = azimuth_bins(pixels, self.npt_azim, self.chi_range)
         r = self.radial_axis
-        indptr, indices, weights = _build_csr(
-            pixels.radial,
-            pixels.radial_delta if self.split else empty,
-            pixels.chi if pixels.chi is not None else empty,
-            pixels.chi_delta if (self.split and pixels.chi_delta is not None) else empty,
-            pixels.keep,
-            r.lower,
-            r.delta,
-            r.n,
-            *a_args,
-            mode,
+        self.matrix = build_matrix(
+            pixels, r, self.azimuth_axis, None if self.two_d else self.chi_range, self.split
         )
-        if indptr[-1] >= 2**31:
-            raise ValueError("the pixel-to-bin table has more than 2**31 entries; use fewer bins")
-        self.indptr = indptr
-        self.indices = indices
-        # Without splitting every weight is 1: the kernel then reads indices only.
-        self.weights = weights if (self.split and not np.all(weights == 1.0)) else np.empty(0, np.float32)
+        m = self.matrix
         self.pixel_norm = pixels.norm
-        self.denominator = csr_row_sums(pixels.norm, indptr, indices, self.weights)
-        self.chunks = _chunk_bounds(indptr, CHUNKS_PER_THREAD * numba.get_num_threads())
+        self.denominator = matrix_row_sums(pixels.norm, m.block_rows, m.block_ptr, m.indices, m.local_rows, m.weights)
+        self._scratch: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
         self.radial = r.centers() * self.unit.scale
         self.radial.setflags(write=False)
         if self.two_d:
@@ -620,18 +699,28 @@ class _Integrator:
             if pixel_mask.shape != self.shape:
                 raise ValueError(f"meta['pixel_mask'] has shape {pixel_mask.shape}, the frame has {self.shape}")
             flat_mask = _native_frame(pixel_mask)
-        csr_integrate(
-            _native_frame(frame),
-            self.indptr,
-            self.indices,
-            self.weights,
+        flat = _native_frame(frame)
+        m = self.matrix
+        exact = m.weights.size == 0 and flat.dtype.kind in "ui" and flat.dtype.itemsize <= 4
+        scratch = self._scratch.get(exact)
+        if scratch is None:
+            dtype = np.int64 if exact else np.float64
+            scratch = self._scratch[exact] = (np.empty(m.n_rows, dtype), np.empty(m.n_rows, dtype))
+        matrix_integrate(
+            flat,
+            m.block_rows,
+            m.block_ptr,
+            m.indices,
+            m.local_rows,
+            m.weights,
             self.denominator,
             self.pixel_norm,
-            self.chunks,
             self.dummy is not None,
             0.0 if self.dummy is None else self.dummy,
             flat_mask,
             self.empty,
+            scratch[0],
+            scratch[1],
             out.reshape(-1),
         )
         return out

@@ -24,11 +24,14 @@ def bin_kernel(frame, fr, fc, mean, out):
         count = np.zeros(n_cols, dtype=np.int64)
         for r in range(i * fr, (i + 1) * fr):
             for j in range(n_cols):
+                block_total, block_count = 0.0, 0
                 for c in range(j * fc, (j + 1) * fc):
-                    v = frame[r, c]
+                    v = np.float64(frame[r, c])
                     if v == v:
-                        total[j] += v
-                        count[j] += 1
+                        block_total += v
+                        block_count += 1
+                total[j] += block_total
+                count[j] += block_count
         for j in range(n_cols):
             if mean:
                 out[i, j] = total[j] / count[j] if count[j] > 0 else np.nan

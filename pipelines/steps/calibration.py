@@ -162,7 +162,7 @@ class Calibration:
         self.common_mode_max = np.inf if common_mode_max is None else float(common_mode_max)
         self.fill = np.float32(np.nan if masked == "nan" else 0.0)
         self._key: Any = None
-        self._tables: tuple[np.ndarray, ...] = ()
+        self._tables: tuple = ()
         self._pixel_mask: np.ndarray | None = None
         self._pixel_mask_source: Any = None
 
@@ -189,8 +189,9 @@ class Calibration:
             self._pixel_mask_source = given
         return self._pixel_mask
 
-    def tables(self, shape: tuple[int, int], meta: dict) -> tuple[np.ndarray, ...]:
-        """(dark, scale, bad, segments, ones) for this frame, rebuilt only when an input changes."""
+    def tables(self, shape: tuple[int, int], meta: dict) -> tuple:
+        """(dark, scale, bad, segments, ones) for this frame, rebuilt only when an input changes
+        (``segments`` and ``ones`` only serve common-mode correction)."""
         found, key = self.constants(meta)
         pixel_mask = self._detector_mask(meta)
         key = (shape, key, id(pixel_mask))
@@ -231,7 +232,7 @@ class Calibration:
             scale.astype(np.float32),
             bad,
             segments,
-            np.ones(shape, dtype=np.float32),
+            np.ones(shape, dtype=np.float32) if segments is not None else None,
         )
         self._key = key
         return self._tables

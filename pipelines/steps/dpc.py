@@ -21,11 +21,13 @@ def com_kernel(frame, r0, r1, c0, c1, threshold):
     totals = np.zeros(n)
     col_moments = np.zeros(n)
     for k in numba.prange(n):
+        total, moment = 0.0, 0.0
         for j in range(c0, c1):
             v = np.float64(frame[r0 + k, j])
             if v == v and v >= threshold:
-                totals[k] += v
-                col_moments[k] += v * j
+                total += v
+                moment += v * j
+        totals[k], col_moments[k] = total, moment
     total = totals.sum()
     if total == 0.0:
         return 0.0, np.nan, np.nan

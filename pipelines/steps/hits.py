@@ -63,12 +63,14 @@ def candidate_kernel(frame, bins, mean, std, min_snr, min_adc, candidates):
     rows, cols = frame.shape
     per_row = np.zeros(rows, dtype=np.int64)
     for i in numba.prange(rows):
+        count = 0
         for j in range(cols):
             b = bins[i, j]
             v = np.float64(frame[i, j])
             above = b >= 0 and v == v and v - mean[b] > max(min_snr * std[b], min_adc)
             candidates[i, j] = above
-            per_row[i] += above
+            count += above
+        per_row[i] = count
     return per_row
 
 

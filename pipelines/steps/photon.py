@@ -23,6 +23,7 @@ def photon_kernel(frame, pedestal, gain, threshold, out):
     rows, cols = frame.shape
     totals = np.zeros(rows, dtype=np.int64)
     for i in numba.prange(rows):
+        row_total = 0
         for j in range(cols):
             n = np.int32(0)
             if gain[i, j] > 0:
@@ -30,7 +31,8 @@ def photon_kernel(frame, pedestal, gain, threshold, out):
                 if e >= threshold:
                     n = np.int32(np.floor(e + 1.0 - threshold))
             out[i, j] = n
-            totals[i] += n
+            row_total += n
+        totals[i] = row_total
     return totals.sum()
 
 

@@ -41,14 +41,15 @@ def roi_stats_kernel(frame, r0, c0, member):
     lows = np.full(h, np.inf)
     highs = np.full(h, -np.inf)
     for i in numba.prange(h):
+        n, total, low, high = 0, 0.0, np.inf, -np.inf  # local accumulators stay in registers
         for j in range(w):
-            if member[i, j]:
-                v = np.float64(frame[r0 + i, c0 + j])
-                if v == v:
-                    counts[i] += 1
-                    sums[i] += v
-                    lows[i] = min(lows[i], v)
-                    highs[i] = max(highs[i], v)
+            v = np.float64(frame[r0 + i, c0 + j])
+            if member[i, j] and v == v:
+                n += 1
+                total += v
+                low = min(low, v)
+                high = max(high, v)
+        counts[i], sums[i], lows[i], highs[i] = n, total, low, high
     n = counts.sum()
     total = sums.sum()
     if n == 0:
@@ -56,11 +57,12 @@ def roi_stats_kernel(frame, r0, c0, member):
     mean = total / n
     squares = np.zeros(h, dtype=np.float64)
     for i in numba.prange(h):
+        row = 0.0
         for j in range(w):
-            if member[i, j]:
-                v = np.float64(frame[r0 + i, c0 + j])
-                if v == v:
-                    squares[i] += (v - mean) * (v - mean)
+            v = np.float64(frame[r0 + i, c0 + j])
+            if member[i, j] and v == v:
+                row += (v - mean) * (v - mean)
+        squares[i] = row
     return n, total, mean, np.sqrt(squares.sum() / n), lows.min(), highs.max()
 
 

@@ -45,16 +45,15 @@ def backproject_kernel(filtered, cos_a, sin_a, centre, out):
     c = (size - 1) / 2.0
     for i in numba.prange(size):
         y = i - c
-        for j in range(size):
-            x = j - c
-            total = 0.0
-            for a in range(cos_a.shape[0]):
-                t = x * cos_a[a] + y * sin_a[a] + centre
+        row = np.zeros(size)
+        for a in range(cos_a.shape[0]):  # one projection at a time stays in cache
+            for j in range(size):
+                t = (j - c) * cos_a[a] + y * sin_a[a] + centre
                 if 0.0 <= t <= n_det - 1:
                     k = min(int(t), n_det - 2)
                     frac = t - k
-                    total += (1.0 - frac) * filtered[a, k] + frac * filtered[a, k + 1]
-            out[i, j] = total
+                    row[j] += (1.0 - frac) * filtered[a, k] + frac * filtered[a, k + 1]
+        out[i] = row
 
 
 def backproject_reference(
