@@ -46,6 +46,10 @@ def _positive_number(name: str, value: Any) -> float:
     return float(value)
 
 
+_CHANGE_REPEATS = 4  # datasources messages sent again after a change of topics ...
+_CHANGE_REPEAT_S = 0.25  # ... this far apart
+
+
 class _TopicSlot:
     """What one topic holds: the image waiting to go out and its counters."""
 
@@ -157,6 +161,8 @@ class LavuePublisher:
         self._datasources_due = True
         self._datasources_next = time.monotonic()
         self._datasources_sent = 0
+        # PUB drops when a viewer's queue is full: after a change, repeat the list a few times
+        self._datasources_burst = 0
         self._closing = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"lavue-publisher:{self._port}", daemon=True)
@@ -260,6 +266,7 @@ class LavuePublisher:
                 if topic not in self._slots:
                     self._add_topic(topic)
             self._datasources_due = True
+            self._datasources_burst = _CHANGE_REPEATS
             self._cond.notify()
 
     def _add_topic(self, topic: str) -> _TopicSlot:
@@ -267,6 +274,7 @@ class LavuePublisher:
         slot = self._slots[topic] = _TopicSlot(topic)
         self._name_seq.setdefault(topic, 0)
         self._datasources_due = True
+        self._datasources_burst = _CHANGE_REPEATS
         return slot
 
     def _retire(self, slot: _TopicSlot) -> None:
@@ -347,7 +355,11 @@ class LavuePublisher:
             if self._datasources_due:
                 topics = list(self._slots)
                 self._datasources_due = False
-                self._datasources_next = now + self._datasources_period_s
+                if self._datasources_burst > 0:
+                    self._datasources_burst -= 1
+                    self._datasources_next = now + min(_CHANGE_REPEAT_S, self._datasources_period_s)
+                else:
+                    self._datasources_next = now + self._datasources_period_s
             return work, topics
 
     def _run(self) -> None:
