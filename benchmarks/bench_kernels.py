@@ -6,7 +6,7 @@ first call's time is reported on its own (``first_call_ms``): it is the compile 
 the first time a kernel runs on a machine, and loading numba's on-disk cache after
 that (``from_cache`` says which).
 
-    python -m benchmarks.bench_kernels [--quick] [--json FILE]
+    python -m benchmarks.bench_kernels [--quick] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ def _frame(size: int, seed: int = 0) -> np.ndarray:
     return rng.poisson(20 + 200 * np.exp(-(((r - size / 5) / 4) ** 2))).astype(np.uint16)
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Time every kernel against its reference; one row per kernel."""
+def run(quick: bool = False, threads: int | None = None) -> list[dict]:
+    """Time every kernel against its reference; one row per kernel. ``threads`` limits
+    numba's threads (default: all cores; one gives steadier figures on a busy machine)."""
+    if threads is not None:
+        numba.set_num_threads(threads)
     size = 1024 if quick else 2048
     repeats = 3 if quick else 7
     rng = np.random.default_rng(1)
@@ -206,10 +209,11 @@ def run(quick: bool = False) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller frames, fewer repeats")
+    parser.add_argument("--threads", type=int, help="numba threads (default: all cores)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    rows = run(quick=args.quick)
-    print(f"numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} threads ({numba.threading_layer()})")
+    rows = run(quick=args.quick, threads=args.threads)
+    print(f"numba {numba.__version__}, {numba.get_num_threads()} threads ({numba.threading_layer()})")
     header = f"{'kernel':44} {'reference ms':>13} {'kernel ms':>10} {'speedup':>8} {'first call ms':>14}"
     print(header)
     print("-" * len(header))

@@ -10,10 +10,14 @@ import numpy as np
 import tango
 from tango.server import attribute, command, device_property, run
 
+from pipelines import message as m
 from pipelines.engine import Engine
+from pipelines.query import answer
 from pipelines.sink import SinkEngine
 
-from .base import PipelineDevice, counter
+from .base import PipelineDevice, counter, parse_json_property
+
+MAX_COMMAND_ELEMENTS = 1 << 20  # bigger answers go through the query port
 
 
 class PipelineSink(PipelineDevice):
@@ -26,6 +30,7 @@ class PipelineSink(PipelineDevice):
     LavuePort = device_property(dtype=int, default_value=5555, doc="TCP port of the Lavue stream (-1: no stream)")
     LavueMaxRateHz = device_property(dtype=float, default_value=10.0, doc="live images per second and topic at most")
     ImageEventRateHz = device_property(dtype=float, default_value=2.0, doc="LatestImage change events per second at most")
+    QueryPort = device_property(dtype=int, default_value=0, doc="TCP port of the query port (0: any free port)")
 
     StoredBytes = counter("StoredBytes", "B", "bytes of results held in memory")
     Datasets = counter("Datasets", "", "datasets (scan, stream) held")
@@ -42,7 +47,13 @@ class PipelineSink(PipelineDevice):
             self.publisher = LavuePublisher(self.BindAddress, self.LavuePort, max_rate_hz=self.LavueMaxRateHz)
         self.set_change_event("LatestImage", True, False)
         self.set_change_event("LatestScalars", True, False)
-        return SinkEngine(name=self.get_name(), memory_limit=self.MemoryLimit, publisher=self.publisher)
+        return SinkEngine(
+            name=self.get_name(),
+            memory_limit=self.MemoryLimit,
+            publisher=self.publisher,
+            bind=self.BindAddress,
+            query_port=self.QueryPort,
+        )
 
     def delete_device(self) -> None:
         super().delete_device()
@@ -106,9 +117,41 @@ class PipelineSink(PipelineDevice):
     def LavueTopics(self) -> list[str]:
         return list(self.engine.topics) if self.engine else []
 
+    @attribute(dtype=str, doc="query port for bulk answers (pipelines.query.SinkClient); same as DataEndpoint")
+    def QueryEndpoint(self) -> str:
+        return self.engine.endpoint if self.engine else ""
+
     @command(dtype_out=str, doc_out="datasets held: [{scan, stream, frames, gaps, bytes}], JSON")
     def ListDatasets(self) -> str:
         return json.dumps(self.engine.call(self.engine.store.describe), default=str)
+
+    def _query(self, op: str, text: str) -> str:
+        body = parse_json_property(f"{op} argument", text, {})
+        if not isinstance(body, dict):
+            raise ValueError(f"{op} takes a JSON object, got {text[:80]!r}")
+        reply = self.engine.call(lambda: answer(self.engine.queries, m.Message(m.QUERY, body={**body, "op": op})))
+        if "error" in reply.body:
+            raise KeyError(reply.body["error"])
+        too_big = [k for k, a in reply.arrays.items() if a.size > MAX_COMMAND_ELEMENTS]
+        if too_big:
+            raise ValueError(f"{too_big} too big for a Tango command; ask the query port {self.engine.endpoint}")
+        out = {"scan": reply.scan, "index": reply.index, "stream": reply.stream, **reply.scalars}
+        out.update({k: a.tolist() for k, a in reply.arrays.items()})
+        return json.dumps(out, default=str)
+
+    @command(dtype_in=str, doc_in='{"scan": 1, "stream": "main", "index": 5}', dtype_out=str, doc_out="result, JSON")
+    def GetResult(self, text: str) -> str:
+        return self._query("get", text)
+
+    @command(dtype_in=str, doc_in='{"scan": 1, "stream": "main", "name": "roi_sum"}', dtype_out=str,
+             doc_out='{"map": [[...]]} on the scan grid (StartScan scan_shape), NaN where not measured')
+    def GetMap(self, text: str) -> str:
+        return self._query("map", text)
+
+    @command(dtype_in=str, doc_in='{"scan": 1, "stream": "main", "name": "roi_sum", "start": 0, "stop": 100}',
+             dtype_out=str, doc_out='{"indices": [...], "values": [...]}')
+    def GetSlice(self, text: str) -> str:
+        return self._query("slice", text)
 
 
 def main(args: list[str] | None = None) -> None:

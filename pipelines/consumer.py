@@ -37,34 +37,53 @@ class ConsumerEngine(Engine):
         if self._wanted and self._wanted != self.link.endpoint:
             self.link.connect(self._wanted)
             self.set_health(Health.ON, f"Connected to {self._wanted}; idle")
-        if self.link.sock is None:
+        poller = zmq.Poller()
+        if self.link.sock is not None:
+            poller.register(self.link.sock, zmq.POLLIN)
+        for sock in self.extra_sockets():
+            poller.register(sock, zmq.POLLIN)
+        events = dict(poller.poll(self.POLL_MS)) if poller.sockets else {}
+        if not poller.sockets:
             self._stop.wait(self.POLL_MS / 1000)
-            self.idle()
-            return
-        if self.link.sock.poll(self.POLL_MS, zmq.POLLIN):
-            for _ in range(64):
-                try:
-                    msgs = receive_many(self.link.sock, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except BadPeerMessage as exc:
-                    self.stats.bad.record(exc.reason, exc.detail)
-                    continue
-                if msgs[0].kind == m.HELLO:  # the sorter restarted and does not know us
-                    self.link.hello()
-                    continue
-                for msg in msgs:
-                    if msg.kind in m.DATA_KINDS:
-                        self._dispatch(msg)
-                    else:
-                        self.stats.bad.record("unexpected_kind", f"{msg.kind} from the sorter")
-                self._owed += 1  # one credit per message or batch
-        if self._owed and not self.blocked():
-            self.link.grant(self._owed)
-            self._owed = 0
-        if self.link.heartbeat_due(self.heartbeat_s):
-            self.link.heartbeat()
+        for sock in events:
+            if sock is self.link.sock:
+                self._take_stream()
+            else:
+                self.on_socket(sock)
+        if self.link.sock is not None:
+            if self._owed and not self.blocked():
+                self.link.grant(self._owed)
+                self._owed = 0
+            if self.link.heartbeat_due(self.heartbeat_s):
+                self.link.heartbeat()
         self.idle()
+
+    def _take_stream(self) -> None:
+        assert self.link.sock is not None
+        for _ in range(64):
+            try:
+                msgs = receive_many(self.link.sock, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except BadPeerMessage as exc:
+                self.stats.bad.record(exc.reason, exc.detail)
+                continue
+            if msgs[0].kind == m.HELLO:  # the sorter restarted and does not know us
+                self.link.hello()
+                continue
+            for msg in msgs:
+                if msg.kind in m.DATA_KINDS:
+                    self._dispatch(msg)
+                else:
+                    self.stats.bad.record("unexpected_kind", f"{msg.kind} from the sorter")
+            self._owed += 1  # one credit per message or batch
+
+    def extra_sockets(self) -> list[zmq.Socket]:
+        """Further sockets the loop should poll (a query port); see :meth:`on_socket`."""
+        return []
+
+    def on_socket(self, sock: zmq.Socket) -> None:
+        """Called when one of :meth:`extra_sockets` is readable."""
 
     def _dispatch(self, msg: m.Message) -> None:
         if msg.kind == m.SCAN_START:

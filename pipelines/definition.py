@@ -80,6 +80,7 @@ SINK = {
     "group": (Name, REQUIRED, "the worker group whose sorter feeds the sink"),
     "memory_limit_mb": (Positive, 1024, "memory for stored results, in MiB; least recently used evicted"),
     "lavue": (dict, {}, "Lavue stream: port, max_rate_hz"),
+    "query_port": (PortNumber, 0, "port of the sink's query port (0: any free port)"),
 }
 WRITER = {
     "group": (Name, REQUIRED, "the worker group whose sorter feeds the writer"),
@@ -333,6 +334,7 @@ class PipelineDefinition:
                         "BindAddress": self.bind,
                         "LavuePort": self.sink["lavue"]["port"],
                         "LavueMaxRateHz": self.sink["lavue"]["max_rate_hz"],
+                        "QueryPort": self.sink["query_port"],
                     },
                     "sink",
                 )

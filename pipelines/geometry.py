@@ -64,7 +64,9 @@ def radial_unit(name: str) -> RadialUnit:
     try:
         return RADIAL_UNITS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unit = {name!r} is not supported; expected one of {', '.join(RADIAL_UNITS)}") from None
+        raise ValueError(
+            f"unit = {name!r} is not supported; expected one of {', '.join(RADIAL_UNITS)}"
+        ) from None
 
 
 class PoniError(ValueError):
@@ -110,7 +112,9 @@ class PoniGeometry:
         if self.wavelength is not None and not (math.isfinite(self.wavelength) and self.wavelength > 0):
             raise PoniError(f"PONI wavelength = {self.wavelength!r} must be > 0 (metres)")
         if self.orientation not in ORIENTATIONS:
-            raise PoniError(f"detector orientation = {self.orientation!r} is not supported; expected 1, 2, 3 or 4")
+            raise PoniError(
+                f"detector orientation = {self.orientation!r} is not supported; expected 1, 2, 3 or 4"
+            )
         if self.shape is not None:
             object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
 
@@ -133,7 +137,9 @@ class PoniGeometry:
         y = (self.poni1 + self.dist * math.sin(self.rot2) / (c1 * c2)) / self.pixel1
         if self.orientation != 3:
             if self.shape is None:
-                raise PoniError("the beam centre of a flipped detector (orientation != 3) needs the detector shape")
+                raise PoniError(
+                    "the beam centre of a flipped detector (orientation != 3) needs the detector shape"
+                )
             if self.orientation in (1, 4):
                 x = self.shape[1] - x
             if self.orientation in (1, 2):
@@ -183,7 +189,9 @@ def _float(values: dict[str, str], key: str, path: Path, required: bool = True) 
         raise PoniError(f"PONI file {path}: {key} = {raw!r} is not a number") from None
 
 
-def _detector_from_pyfai(name: str, config: dict[str, Any], path: Path) -> tuple[float, float, tuple | None, int]:
+def _detector_from_pyfai(
+    name: str, config: dict[str, Any], path: Path
+) -> tuple[float, float, tuple | None, int]:
     """Pixel size, shape and orientation of a named detector model, from pyFAI's catalogue."""
     try:
         from pyFAI import detectors
@@ -214,7 +222,9 @@ def read_poni(path: str | Path) -> PoniGeometry:
     if version not in PONI_VERSIONS:
         raise PoniError(f"PONI file {path}: poni_version {version} is not supported; expected 1, 2, 2.1 or 3")
     if str(values.get("parallax", "false")).lower() == "true":
-        raise PoniError(f"PONI file {path}: parallax correction is not supported; recalibrate with Parallax: False")
+        raise PoniError(
+            f"PONI file {path}: parallax correction is not supported; recalibrate with Parallax: False"
+        )
 
     name = values.get("detector", "Detector")
     if name in ("", "None"):
@@ -227,7 +237,11 @@ def read_poni(path: str | Path) -> PoniGeometry:
             raise PoniError(f"PONI file {path}: Detector_config is not JSON: {exc}") from exc
         if not isinstance(config, dict):
             raise PoniError(f"PONI file {path}: Detector_config must be a JSON object, got {config!r}")
-    if config.get("splineFile") or config.get("splinefile") or values.get("splinefile", "none").lower() != "none":
+    if (
+        config.get("splineFile")
+        or config.get("splinefile")
+        or values.get("splinefile", "none").lower() != "none"
+    ):
         raise PoniError(f"PONI file {path}: detectors with a distortion spline file are not supported")
 
     pixel1 = config.get("pixel1", values.get("pixelsize1"))
@@ -241,7 +255,9 @@ def read_poni(path: str | Path) -> PoniGeometry:
     try:
         pixel1, pixel2 = float(pixel1), float(pixel2)
     except (TypeError, ValueError):
-        raise PoniError(f"PONI file {path}: pixel size ({pixel1!r}, {pixel2!r}) is not a pair of numbers") from None
+        raise PoniError(
+            f"PONI file {path}: pixel size ({pixel1!r}, {pixel2!r}) is not a pair of numbers"
+        ) from None
 
     dist = _float(values, "distance", path, required="dist" not in values)
     if dist is None:
@@ -308,7 +324,9 @@ def _shape_of(geometry: PoniGeometry, shape: tuple[int, int] | None) -> tuple[in
     return int(shape[0]), int(shape[1])
 
 
-def _detector_positions(geometry: PoniGeometry, shape: tuple[int, int], corners: bool) -> tuple[np.ndarray, np.ndarray]:
+def _detector_positions(
+    geometry: PoniGeometry, shape: tuple[int, int], corners: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Pixel centre (or corner grid) positions relative to the PONI, in the detector plane (metres).
 
     Orientation only renumbers pixels (pyFAI's ``Detector._reorder_indexes_from_orientation``).
@@ -354,7 +372,9 @@ def lab_coordinates(
     return t1, t2, np.broadcast_to(t3, t1.shape)
 
 
-def _radial_from_lab(t1: np.ndarray, t2: np.ndarray, t3: np.ndarray, space: str, wavelength: float | None) -> np.ndarray:
+def _radial_from_lab(
+    t1: np.ndarray, t2: np.ndarray, t3: np.ndarray, space: str, wavelength: float | None
+) -> np.ndarray:
     tth = np.arctan2(np.sqrt(t1 * t1 + t2 * t2), t3)
     if space == "2th":
         return tth

@@ -7,6 +7,15 @@ when it dies are dispatched again. The queue is bounded in frames and bytes;
 when it is full the overflow policy decides: ``block`` the source (nothing
 lost), or drop the newest / oldest frame, replacing it by a gap record so the
 loss is counted and visible downstream, never silent.
+
+Workers on the master's host (same host name and kernel boot id in their HELLO)
+get frames through a shared-memory ring (pipelines/shm.py): the frame is copied
+once into a slot and only a handle goes over ZeroMQ. The slot is held until the
+worker acknowledges the frame and reclaimed when the worker leaves, is lost or
+refuses the handle; one slot serves every group that has the frame on a
+shared-memory worker at the same time. When no slot is free (or the ring cannot
+be made) the frame goes over ZeroMQ as usual and the fallback is counted: the
+delivery rules do not depend on the path.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from . import message as m
+from . import shm
 from .engine import Engine, Health
 from .sources import FrameSource
 from .transport import BadPeerMessage, Peer, bind_socket, key_of, key_tuple, receive, send
@@ -45,10 +56,15 @@ class WorkItem:
     acquired: float = field(default_factory=time.time)
     in_flight: int = 0  # how many workers hold it now
     key: tuple = ()
+    shm: dict[str, Any] | None = None  # handle of the ring slot holding a copy of the frame
+    shm_holders: set[bytes] = field(default_factory=set)  # workers sent that handle, not done yet
 
 
 class MasterEngine(Engine):
     """Queue and credit dispatcher; see the module docstring."""
+
+    #: ring slots when ``shm_slots`` is 0 (never more than the queue capacity)
+    AUTO_SHM_SLOTS = 32
 
     def __init__(
         self,
@@ -63,6 +79,9 @@ class MasterEngine(Engine):
         overflow_policy: str = "block",
         heartbeat_timeout_s: float = 3.0,
         stream: str = "raw",
+        use_shm: bool = True,
+        shm_slots: int = 0,
+        shm_slot_bytes: int = 0,
         context: zmq.Context | None = None,
     ):
         super().__init__(name, context)
@@ -73,6 +92,10 @@ class MasterEngine(Engine):
             raise ValueError(f"OverflowPolicy {overflow_policy!r} is not one of {choices}") from None
         if queue_capacity < 1:
             raise ValueError(f"MaxQueueFrames must be >= 1, got {queue_capacity}")
+        if isinstance(shm_slots, bool) or not isinstance(shm_slots, int) or not 0 <= shm_slots <= shm.MAX_SLOTS:
+            raise ValueError(f"ShmSlots must be 0 (automatic) to {shm.MAX_SLOTS}, got {shm_slots!r}")
+        if isinstance(shm_slot_bytes, bool) or not isinstance(shm_slot_bytes, int) or shm_slot_bytes < 0:
+            raise ValueError(f"ShmSlotBytes must be 0 (size of the first frame) or more, got {shm_slot_bytes!r}")
         self.groups = list(dict.fromkeys(groups))
         if not self.groups:
             raise ValueError("the master needs at least one worker group")
@@ -103,9 +126,23 @@ class MasterEngine(Engine):
         self._source_thread: threading.Thread | None = None
         self._sock: zmq.Socket | None = None
         self._source_error = ""
+        # same-host fast path
+        self.use_shm = bool(use_shm) and shm.shm_supported()
+        self.shm_slots = shm_slots or min(queue_capacity, self.AUTO_SHM_SLOTS)
+        self.shm_slot_bytes = shm_slot_bytes
+        self._boot_id = shm.boot_id()
+        self._ring: shm.FrameRing | None = None
+        self._shm_error = ""  # why no ring could be made; tried again at the next scan
+        self._shm_peers: dict[bytes, str] = {}  # same-host workers -> ring segment announced to them
+        self.shm_frames = 0
+        self.shm_fallbacks = 0
+        self.shm_refused = 0
+        self.shm_reclaimed = 0
 
     # -- control (any thread) ------------------------------------------------------------
     def setup(self) -> None:
+        if self.use_shm:
+            shm.remove_stale_segments()
         self._sock, self.endpoint = bind_socket(self.context, zmq.ROUTER, self.bind, self.port)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.set_health(Health.ON, f"Idle; waiting for StartScan; workers connect to {self.endpoint}")
@@ -137,6 +174,7 @@ class MasterEngine(Engine):
             self.scan_expected = expected
             self._scan_open = True
             self._source_error = ""
+            self._shm_error = ""
             self.stats.reset_scan()
             start = m.Message(m.SCAN_START, scan=scan_id, stream=self.stream, meta=meta)
             start.meta["source"] = self.source.describe()
@@ -284,7 +322,13 @@ class MasterEngine(Engine):
             if peer is not None:
                 self._requeue(peer, "said hello again")
             self.peers[identity] = Peer(identity, name, group, credit)
-            self.log.info("worker %s joined group %s with credit %d", name, group, credit)
+            self._shm_peers.pop(identity, None)
+            local = self.use_shm and shm.same_host(msg.body, self._boot_id)
+            if local:
+                self._shm_peers[identity] = ""
+            self.log.info(
+                "worker %s joined group %s with credit %d%s", name, group, credit, " (shared memory)" if local else ""
+            )
             self.emit("workers", self.worker_names())
             return
         if peer is None:
@@ -302,17 +346,20 @@ class MasterEngine(Engine):
         elif msg.kind == m.BYE:
             self._requeue(peer, "left")
             del self.peers[identity]
+            self._shm_peers.pop(identity, None)
             self.emit("workers", self.worker_names())
         elif msg.kind != m.HEARTBEAT:
             self.stats.bad.record("unexpected_kind", f"{msg.kind} from worker {peer.name}")
 
     def _acknowledge(self, peer: Peer, msg: m.Message) -> None:
-        n, done = msg.body.get("n", 0), msg.body.get("done", [])
-        if not isinstance(n, int) or not 0 <= n <= 1024 or not isinstance(done, list):
+        n, done, refused = msg.body.get("n", 0), msg.body.get("done", []), msg.body.get("refused", [])
+        if not isinstance(n, int) or not 0 <= n <= 1024 or not isinstance(done, list) or not isinstance(refused, list):
             self.stats.bad.record("bad_credit", f"credit from {peer.name}: {str(msg.body)[:80]}")
             return
         now = time.time()
         with self._cond:
+            if refused:
+                self._take_back(peer, refused, str(msg.body.get("reason", ""))[:200])
             for raw in done:
                 try:
                     key = key_tuple(raw)
@@ -324,6 +371,7 @@ class MasterEngine(Engine):
                     continue  # already re-dispatched after a timeout: the sorter drops the duplicate
                 item.in_flight -= 1
                 peer.done += 1
+                self._drop_slot(item, peer.identity)
                 item.groups_left.discard(peer.group)
                 if item.msg.kind == m.FRAME:
                     self.stats.latency.add(now - item.acquired)
@@ -332,6 +380,38 @@ class MasterEngine(Engine):
                     self._release_bytes(item)
             peer.credit += n
 
+    def _take_back(self, peer: Peer, keys: list, reason: str) -> None:
+        """Frames a worker could not read from shared memory: send them again, to it over ZeroMQ."""
+        items = []
+        for raw in keys:
+            try:
+                item = peer.in_flight.pop(key_tuple(raw), None)
+            except m.BadMessage as exc:
+                self.stats.bad.record(exc.reason, exc.detail)
+                continue
+            if item is not None:
+                item.in_flight -= 1
+                self._drop_slot(item, peer.identity)
+                items.append(item)
+        for item in reversed(items):
+            self._pending[peer.group].appendleft(item)
+        self.shm_refused += len(items)
+        self.redispatched += len(items)
+        if self._shm_peers.pop(peer.identity, None) is not None:
+            self.log.warning("worker %s cannot read frames from shared memory (%s); it gets them over ZeroMQ",
+                             peer.name, reason)
+
+    def _drop_slot(self, item: WorkItem, identity: bytes) -> bool:
+        """``identity`` no longer holds the item's slot; free the slot when nobody does."""
+        if item.shm is None or identity not in item.shm_holders:
+            return False
+        item.shm_holders.discard(identity)
+        if not item.shm_holders:
+            if self._ring is not None:
+                self._ring.release(item.shm)
+            item.shm = None
+        return True
+
     def _requeue(self, peer: Peer, why: str) -> None:
         if not peer.in_flight:
             return
@@ -339,6 +419,7 @@ class MasterEngine(Engine):
             items = list(peer.in_flight.values())
             for item in reversed(items):
                 item.in_flight -= 1
+                self.shm_reclaimed += self._drop_slot(item, peer.identity)
                 self._pending[peer.group].appendleft(item)
             peer.in_flight.clear()
             self.redispatched += len(items)
@@ -352,6 +433,7 @@ class MasterEngine(Engine):
                 self.lost_workers += 1
                 self._requeue(peer, f"silent for {now - peer.last_seen:.1f} s (lost)")
                 del self.peers[identity]
+                self._shm_peers.pop(identity, None)
                 self.emit("workers", self.worker_names())
 
     def _dispatch(self) -> None:
@@ -363,11 +445,23 @@ class MasterEngine(Engine):
                     if peer is None:
                         break
                     item = pending[0]
+                    out = item.msg
+                    local = item.msg.kind == m.FRAME and peer.identity in self._shm_peers
                     try:
-                        send(self._sock, item.msg, peer.identity, zmq.NOBLOCK)
+                        if local:
+                            out = self._shared_frame(item, peer)
+                        send(self._sock, out, peer.identity, zmq.NOBLOCK)
                     except zmq.ZMQError:  # peer gone or its pipe full: try again next turn
+                        if item.shm is not None and not item.shm_holders and self._ring is not None:
+                            self._ring.release(item.shm)
+                            item.shm = None
                         peer.credit = 0
                         break
+                    if out is not item.msg:
+                        item.shm_holders.add(peer.identity)
+                        self.shm_frames += 1
+                    elif local:
+                        self.shm_fallbacks += 1
                     pending.popleft()
                     peer.credit -= 1
                     peer.sent += 1
@@ -376,6 +470,58 @@ class MasterEngine(Engine):
                     if item.msg.kind == m.FRAME:
                         self.dispatched += 1
                         self.stats.count_out()
+
+    def _shared_frame(self, item: WorkItem, peer: Peer) -> m.Message:
+        """The message that sends ``item`` to a same-host worker: a slot handle, or the
+        frame itself when no slot is free (counted as a fallback)."""
+        if item.shm is None:
+            data = item.msg.arrays.get("data")
+            ring = self._ring_for(data) if data is not None and len(item.msg.arrays) == 1 else None
+            item.shm = ring.put(data) if ring is not None else None
+            if item.shm is None:
+                return item.msg
+        segment = item.shm["segment"]
+        if self._shm_peers[peer.identity] != segment:  # tell it where to look before the first handle
+            assert self._ring is not None
+            send(self._sock, m.control(m.HELLO, shm=self._ring.announcement()), peer.identity, zmq.NOBLOCK)
+            self._shm_peers[peer.identity] = segment
+        msg = item.msg
+        return m.Message(
+            m.FRAME,
+            scan=msg.scan,
+            index=msg.index,
+            stream=msg.stream,
+            meta=msg.meta,
+            times=msg.times,
+            version=msg.version,
+            body={"shm": item.shm},
+        )
+
+    def _ring_for(self, data: Any) -> shm.FrameRing | None:
+        """The ring to put ``data`` in: made at the first frame, made again (when no slot is
+        held) for a bigger frame; None when the frame cannot go through shared memory."""
+        if self._shm_error or not isinstance(data, np.ndarray):
+            return None
+        ring = self._ring
+        if ring is not None and ring.fits(data):
+            return ring
+        if data.dtype.str not in m.ALLOWED_DTYPES or data.ndim > m.MAX_NDIM:
+            return None
+        if ring is not None:
+            if ring.in_use:
+                return None
+            ring.close()
+            self._ring = None
+        try:
+            self._ring = shm.FrameRing(self.shm_slots, max(self.shm_slot_bytes, data.nbytes, 1))
+        except (OSError, ValueError) as exc:
+            self._shm_error = str(exc)
+            self.log.warning("no shared-memory ring (%s); same-host workers get frames over ZeroMQ", exc)
+            return None
+        self.log.info(
+            "shared-memory ring %s: %d slots of %d bytes", self._ring.name, self._ring.slots, self._ring.slot_bytes
+        )
+        return self._ring
 
     def _best_peer(self, group: str) -> Peer | None:
         best = None
@@ -389,6 +535,19 @@ class MasterEngine(Engine):
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        with self._cond:
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
+            for item in self._held.values():
+                item.shm, item.shm_holders = None, set()
+            self._shm_peers.clear()
+
+    @property
+    def shm_segment(self) -> str:
+        """Name of the shared-memory ring in /dev/shm ("" while there is none)."""
+        ring = self._ring
+        return ring.name if ring is not None else ""
 
     # -- views ---------------------------------------------------------------------------
     def worker_names(self) -> list[str]:
@@ -410,5 +569,12 @@ class MasterEngine(Engine):
                 Redispatched=self.redispatched,
                 LostWorkers=self.lost_workers,
                 ScanFrames=self.scan_frames,
+                ShmFrames=self.shm_frames,
+                ShmFallbacks=self.shm_fallbacks,
+                ShmSlotsInUse=self._ring.in_use if self._ring is not None else 0,
+                ShmSlots=self._ring.slots if self._ring is not None else 0,
+                ShmWorkers=len(self._shm_peers),
+                ShmRefused=self.shm_refused,
+                ShmReclaimed=self.shm_reclaimed,
             )
         return c

@@ -15,7 +15,8 @@ import zmq
 
 from . import message as m
 from .consumer import ConsumerEngine
-from .store import SinkStore
+from .query import QueryServer
+from .store import SinkStore, StoreQueries
 
 
 class ImagePublisher(Protocol):
@@ -37,14 +38,36 @@ class SinkEngine(ConsumerEngine):
         memory_limit: int = 1 << 30,
         publisher: ImagePublisher | None = None,
         credit: int = 16,
+        bind: str = "127.0.0.1",
+        query_port: int = 0,
         context: zmq.Context | None = None,
     ):
         super().__init__(name, credit=credit, context=context)
         self.store = SinkStore(memory_limit)
+        self.queries = StoreQueries(self.store)
+        self.bind, self.query_port = bind, query_port
+        self.query_server: QueryServer | None = None
+        self.endpoint = ""
         self.publisher = publisher
         self.topics: list[str] = []
         self.last_update = 0.0
         self.scan_meta: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        self.query_server = QueryServer(self.context, self.queries, self.bind, self.query_port)
+        self.endpoint = self.query_server.endpoint
+
+    def extra_sockets(self) -> list[zmq.Socket]:
+        return [self.query_server.sock] if self.query_server is not None else []
+
+    def on_socket(self, sock: zmq.Socket) -> None:
+        assert self.query_server is not None
+        self.query_server.serve(self.stats.bad)
+
+    def teardown(self) -> None:
+        if self.query_server is not None:
+            self.query_server.close()
+        super().teardown()
 
     def handle(self, msg: m.Message) -> None:
         if msg.kind == m.SCAN_START:
@@ -94,5 +117,6 @@ class SinkEngine(ConsumerEngine):
             MemoryLimit=self.store.memory_limit,
             Datasets=len(self.store.datasets),
             Evictions=self.store.evictions,
+            QueriesAnswered=self.query_server.answered if self.query_server else 0,
         )
         return c

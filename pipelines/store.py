@@ -105,3 +105,73 @@ class SinkStore:
 
     def describe(self) -> list[dict[str, Any]]:
         return [ds.describe() for ds in self.datasets.values()]
+
+
+def grid_position(index: int, shape: tuple[int, int], snake: bool = False) -> tuple[int, int]:
+    """(row, column) of acquisition ``index`` on a scan grid of ``shape`` (slow, fast);
+    with ``snake`` every other row runs backwards, as a snake mesh scan does."""
+    row, col = divmod(index, shape[1])
+    if snake and row % 2:
+        col = shape[1] - 1 - col
+    return row, col
+
+
+def scan_grid(meta: dict[str, Any]) -> tuple[tuple[int, int], bool]:
+    """The grid of a scan from StartScan's metadata: ``scan_shape`` [slow, fast] and ``snake``."""
+    shape = meta.get("scan_shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise KeyError(f"scan has no scan_shape [slow, fast] in its StartScan metadata (got {shape!r})")
+    return (shape[0], shape[1]), bool(meta.get("snake", False))
+
+
+class StoreQueries:
+    """What one can ask a sink store: the same answers for Tango commands and the query port."""
+
+    def __init__(self, store: SinkStore):
+        self.store = store
+
+    def dataset(self, scan: Any, stream: str) -> Dataset:
+        ds = self.store.datasets.get((scan, stream))
+        if ds is None:
+            known = ", ".join(f"{s}/{st}" for s, st in list(self.store.datasets)[:20]) or "none"
+            raise KeyError(f"no dataset for scan {scan!r} stream {stream!r} in memory (held: {known})")
+        self.store.datasets.move_to_end((scan, stream))
+        return ds
+
+    def get(self, scan: Any, stream: str, index: int) -> m.Message:
+        ds = self.dataset(scan, stream)
+        msg = ds.records.get(index)
+        if msg is None:
+            what = "a gap (no result)" if index in ds.gaps else "not received"
+            raise KeyError(f"scan {scan!r} stream {stream!r} index {index}: {what}")
+        return msg
+
+    def slice(self, scan: Any, stream: str, name: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Result ``name`` for indices in [start, stop) that have it: (indices, stacked values)."""
+        ds = self.dataset(scan, stream)
+        indices = sorted(i for i in ds.records if i >= start and (stop is None or i < stop))
+        values = []
+        kept = []
+        for i in indices:
+            rec = ds.records[i]
+            if name in rec.arrays:
+                values.append(rec.arrays[name])
+            elif name in rec.scalars:
+                values.append(rec.scalars[name])
+            else:
+                continue
+            kept.append(i)
+        if not kept:
+            raise KeyError(f"result {name!r} not found in scan {scan!r} stream {stream!r} [{start}:{stop}]")
+        return np.asarray(kept, dtype=np.int64), np.asarray(values)
+
+    def map(self, scan: Any, stream: str, name: str) -> np.ndarray:
+        """A scalar result assembled on the scan grid (NaN where not measured)."""
+        ds = self.dataset(scan, stream)
+        shape, snake = scan_grid(ds.meta)
+        out = np.full(shape, np.nan)
+        for i, rec in ds.records.items():
+            value = rec.scalars.get(name)
+            if isinstance(value, int | float) and i < shape[0] * shape[1]:
+                out[grid_position(i, shape, snake)] = value
+        return out

@@ -151,9 +151,12 @@ class UpstreamLink:
         self.endpoint = endpoint
         self.hello(outstanding)
 
-    def hello(self, outstanding: int = 0) -> None:
+    def hello(self, outstanding: int = 0, extra: dict[str, Any] | None = None) -> None:
+        """Announce this peer; ``extra`` adds fields to the body (it cannot replace name, group, credit)."""
         free = max(1, self.credit - outstanding)
-        self._send(Message("hello", body={"name": self.name, "group": self.group, "credit": free}))
+        body = dict(extra or {})
+        body.update(name=self.name, group=self.group, credit=free)
+        self._send(Message("hello", body=body))
 
     def grant(self, n: int = 1, done: list | None = None) -> None:
         body: dict[str, Any] = {"n": n}

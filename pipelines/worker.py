@@ -6,6 +6,14 @@ the compute thread. A result is acknowledged to the master only once the sorter
 has taken it, so a worker that dies loses nothing: the master sends its frames
 again. A step that fails on a frame yields a gap record naming the error, so the
 sorter does not wait for a result that will never come.
+
+On the master's host, frames come through the master's shared-memory ring
+(pipelines/shm.py): the FRAME message carries a handle, the steps run on a
+read-only view of the slot, and the slot belongs to the master again as soon as
+the frame is acknowledged. So results that are views of the input are copied
+before they are queued for sending (:func:`own_arrays`), and results made from a
+slot the master took back meanwhile (this worker was declared lost) are thrown
+away and the frame refused, never sent.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import numpy as np
 import zmq
 
 from . import message as m
+from . import shm
 from .engine import Engine, Health
 from .steps import StepChain
 from .transport import BadPeerMessage, UpstreamLink, key_of, receive, send
@@ -43,6 +52,33 @@ def split_results(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[
     return arrays, scalars
 
 
+def own_arrays(arrays: dict[str, np.ndarray], source: np.ndarray) -> dict[str, np.ndarray]:
+    """``arrays`` with every array that may share memory with ``source`` replaced by a copy.
+
+    Needed before a result made from a shared-memory slot leaves the compute
+    thread: the slot is the master's again once the frame is acknowledged,
+    while ZeroMQ may still be sending the result's buffers.
+    """
+    return {name: a.copy() if np.may_share_memory(a, source) else a for name, a in arrays.items()}
+
+
+class MasterLink(UpstreamLink):
+    """The credit link to the master: HELLO also says where this worker runs, so
+    the master can send frames through shared memory; frames whose handle cannot
+    be read are refused (handed back to be sent again)."""
+
+    def __init__(self, context: zmq.Context, name: str, group: str, credit: int, hello_extra: dict[str, Any]):
+        super().__init__(context, name, group, credit)
+        self.hello_extra = dict(hello_extra)
+
+    def hello(self, outstanding: int = 0, extra: dict[str, Any] | None = None) -> None:
+        super().hello(outstanding, self.hello_extra if extra is None else extra)
+
+    def refuse(self, keys: list, reason: str) -> None:
+        """Give back the credit of frames not processed; the master dispatches them again."""
+        self._send(m.Message(m.CREDIT, body={"n": len(keys), "refused": keys, "reason": reason[:200]}))
+
+
 class WorkerEngine(Engine):
     """One worker of a group; see the module docstring."""
 
@@ -54,6 +90,7 @@ class WorkerEngine(Engine):
         group: str = "main",
         credit: int = 2,
         heartbeat_s: float = 0.5,
+        use_shm: bool = True,
         context: zmq.Context | None = None,
     ):
         super().__init__(name, context)
@@ -61,7 +98,13 @@ class WorkerEngine(Engine):
         self.version = 1
         self.group = group
         self.heartbeat_s = heartbeat_s
-        self.link = UpstreamLink(self.context, name, group, credit)
+        #: ask for frames through the master's shared memory (used only if it runs on this host)
+        self.use_shm = bool(use_shm) and shm.shm_supported()
+        self.link = MasterLink(self.context, name, group, credit, shm.hello_fields() if self.use_shm else {})
+        self.rings = shm.RingReader()
+        self.shm_frames = 0
+        self.shm_refused = 0
+        self.shm_stale = 0
         self._inbox: queue.Queue[m.Message | None] = queue.Queue()
         self._outbox: deque[m.Message] = deque()
         self._outbox_lock = threading.Lock()
@@ -137,15 +180,46 @@ class WorkerEngine(Engine):
             except BadPeerMessage as exc:
                 self.stats.bad.record(exc.reason, exc.detail)
                 continue
-            if msg.kind == m.HELLO:  # the master restarted and does not know us
+            if msg.kind == m.HELLO and "shm" in msg.body:  # where the master's frames will be
+                self._attach(msg.body["shm"])
+            elif msg.kind == m.HELLO:  # the master restarted and does not know us
                 self.link.hello(outstanding=self._busy)
             elif msg.kind in m.DATA_KINDS:
+                if msg.kind == m.FRAME and "shm" in msg.body and not self._map_frame(msg):
+                    continue
                 self._busy += 1
                 if msg.kind == m.FRAME:
                     self.stats.count_in(msg.nbytes())
                 self._inbox.put(msg)
             else:
                 self.stats.bad.record("unexpected_kind", f"{msg.kind} from the master")
+
+    def _attach(self, announcement: Any) -> None:
+        if not self.use_shm:
+            self.stats.bad.record("unexpected_shm", "the master announced shared memory this worker did not ask for")
+            return
+        try:
+            name = self.rings.attach(announcement)
+        except m.BadMessage as exc:
+            self.stats.bad.record(exc.reason, exc.detail)
+        except OSError as exc:  # e.g. another /dev/shm (container): the refused frames come again as bytes
+            self.stats.bad.record("shm_attach_failed", f"cannot map the master's shared memory: {exc}")
+        else:
+            self.log.info("frames from the master come through shared memory %s", name)
+
+    def _map_frame(self, msg: m.Message) -> bool:
+        """Put the frame a shared-memory handle names into ``msg.arrays``; refuse the frame if it cannot."""
+        try:
+            if msg.arrays:
+                raise m.BadMessage("bad_shm_handle", "a frame has both buffers and a shared-memory handle")
+            msg.arrays["data"] = self.rings.view(msg.body["shm"])
+        except m.BadMessage as exc:
+            self.stats.bad.record(exc.reason, exc.detail)
+            self.shm_refused += 1
+            self.link.refuse([key_of(msg)], exc.detail)
+            return False
+        self.shm_frames += 1
+        return True
 
     def _flush(self) -> None:
         assert self._push is not None
@@ -154,6 +228,12 @@ class WorkerEngine(Engine):
                 if not self._outbox:
                     return
                 msg = self._outbox[0]
+            if msg.kind == m.CREDIT:  # a frame whose slot was taken back while computing
+                with self._outbox_lock:
+                    self._outbox.popleft()
+                self._busy -= 1
+                self.link.refuse(msg.body["refused"], msg.body["reason"])
+                continue
             try:
                 send(self._push, msg, flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -178,9 +258,29 @@ class WorkerEngine(Engine):
                 continue
             if msg is None:
                 return
-            out = self._process(msg)
+            handle = msg.body.get("shm") if msg.kind == m.FRAME else None
+            if handle is None:
+                out = self._process(msg)
+            else:
+                try:
+                    out = self._process_shared(msg, handle)
+                finally:
+                    msg = None  # the last reference to the view: the segment can be unmapped
+                    self.rings.done(handle)
             with self._outbox_lock:
                 self._outbox.append(out)
+
+    def _process_shared(self, msg: m.Message, handle: dict[str, Any]) -> m.Message:
+        """Process a frame read from the master's shared memory; see the module docstring."""
+        frame = msg.arrays["data"]
+        out = self._process(msg)
+        out.arrays = own_arrays(out.arrays, frame)
+        if not self.rings.valid(handle):
+            self.shm_stale += 1
+            reason = f"slot {handle['slot']} was taken back by the master while frame {msg.index} was processed"
+            self.log.warning("%s; result dropped", reason)
+            return m.Message(m.CREDIT, scan=msg.scan, index=msg.index, body={"refused": [key_of(msg)], "reason": reason})
+        return out
 
     def _process(self, msg: m.Message) -> m.Message:
         msg.stream = self.group
@@ -238,6 +338,9 @@ class WorkerEngine(Engine):
         if self._push is not None:
             self._push.close(0)
         self._inbox.put(None)
+        if self._compute is not None:
+            self._compute.join(1.0)
+        self.rings.close()
 
     def counters(self) -> dict[str, Any]:
         c = self.stats.snapshot()
@@ -247,5 +350,8 @@ class WorkerEngine(Engine):
             InFlight=self._busy,
             ProcessingErrors=self.processing_errors,
             ConfigVersion=self.version,
+            ShmFrames=self.shm_frames,
+            ShmRefused=self.shm_refused,
+            ShmStale=self.shm_stale,
         )
         return c

@@ -46,8 +46,8 @@ class Pipeline:
             consumer.connect(self.sorter.endpoint)
         wait_for(lambda: len(self.sorter.consumers) == 2, what="consumers")
 
-    def add_worker(self, name, steps=STEPS):
-        worker = WorkerEngine(steps, name=name)
+    def add_worker(self, name, steps=STEPS, credit=2):
+        worker = WorkerEngine(steps, name=name, credit=credit)
         worker.start()
         worker.connect(self.master.endpoint, self.sorter.collect_endpoint)
         self.workers.append(worker)
@@ -227,5 +227,93 @@ def test_sorter_batches_results_downstream_without_changing_them(tmp_path):
         with h5py.File(path) as f:
             assert list(f["entry/main/index"][:]) == list(range(100)) and f["entry/main/valid"][:].all()
         assert p.sorter.batches_sent < 2 * 102 / 2  # two consumers, far fewer messages than results
+    finally:
+        p.stop()
+
+
+def test_sink_answers_queries_from_memory(pipeline):
+    from pipelines.query import QueryError, SinkClient
+
+    pipeline.scan(12, {"scan_id": 5, "scan_shape": [3, 4], "snake": True})
+    client = SinkClient(pipeline.sink.endpoint)
+    try:
+        (ds,) = client.datasets()
+        assert (ds["scan"], ds["stream"], ds["frames"]) == (5, "main", 12)
+        step = load_step(STEPS[0])
+        got = client.get(5, "main", 7)
+        expected = step(pipeline.source.frame(7), {})
+        assert got.index == 7 and got.scalars["corner_sum"] == expected["corner_sum"]
+        np.testing.assert_array_equal(got.arrays["binned"], expected["binned"])
+        indices, values = client.slice(5, "main", "binned", 2, 5)
+        assert list(indices) == [2, 3, 4] and values.shape == (3, 16, 12)
+        grid = client.map(5, "main", "corner_sum")
+        sums = [step(pipeline.source.frame(i), {})["corner_sum"] for i in range(12)]
+        assert grid.shape == (3, 4)
+        assert grid[0].tolist() == sums[0:4]
+        assert grid[1].tolist() == sums[4:8][::-1]  # snake: the second row runs backwards
+        assert client.latest("main").index == 11
+        with pytest.raises(QueryError, match="no dataset for scan 6"):
+            client.get(6, "main", 0)
+        with pytest.raises(QueryError, match="unknown query 'drop_tables'"):
+            client.ask("drop_tables")
+        before = pipeline.sink.stats.bad.total
+        client.sock.send_multipart([b"not a query"])
+        wait_for(lambda: pipeline.sink.stats.bad.total == before + 1, what="bad query counted")
+        assert client.get(5, "main", 0).index == 0  # still answering
+    finally:
+        client.close()
+
+
+def stall_on_index(frame, meta, *, index: int = 5, seconds: float = 3.0):
+    """A step that answers one index late (after the sorter gave up on it)."""
+    if meta["index"] == index:
+        time.sleep(seconds)
+    return {"first": int(frame.flat[0])}
+
+
+def test_a_step_that_never_answers_one_index_gives_one_gap(tmp_path):
+    p = Pipeline(tmp_path, workers=0)
+    p.sorter.reorder.gap_timeout_s = 1.0
+    try:
+        for name in ("a", "b"):  # whichever gets index 5 holds it for 4 s; the other goes on
+            p.add_worker(name, steps=[{"tests.test_flow:stall_on_index": {"index": 5, "seconds": 4.0}}], credit=1)
+        path = p.scan(40, {"rate_hz": 20})
+        with h5py.File(path) as f:
+            valid = f["entry/main/valid"][:]
+        assert len(valid) == 40 and not valid[5] and valid.sum() == 39
+        assert p.sorter.reorder.missing == 1 and list(p.sorter.reorder.missing_indices) == [(1, 5)]
+        assert p.writer.gaps_written == 1
+        wait_for(lambda: p.sorter.reorder.late == 1, what="the late answer dropped")
+    finally:
+        p.stop()
+
+
+class SlowWriter(WriterEngine):
+    def handle(self, msg):
+        if msg.kind == m.RESULT:
+            time.sleep(0.03)
+        super().handle(msg)
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_newest", "drop_oldest"])
+def test_a_slow_writer_backpressures_to_the_master_policy(tmp_path, policy):
+    p = Pipeline(tmp_path, workers=2, policy=policy, capacity=4)
+    p.writer.stop()
+    p.writer = SlowWriter(directory=str(tmp_path / "slow"))
+    p.writer.start()
+    p.writer.connect(p.sorter.endpoint)
+    p.sorter.outbox_capacity = 4
+    try:
+        wait_for(lambda: len(p.sorter.consumers) == 2)
+        path = p.scan(150)  # the source runs flat out, the writer takes ~30 ms a frame
+        with h5py.File(path) as f:
+            valid = f["entry/main/valid"][:]
+        assert len(valid) == 150
+        dropped = p.master.stats.dropped
+        if policy == "block":
+            assert dropped == 0 and valid.all()
+        else:
+            assert dropped > 0, "the queue must have overflowed"
+            assert dropped == (~valid).sum() == p.writer.gaps_written == p.sorter.reorder.missing
     finally:
         p.stop()

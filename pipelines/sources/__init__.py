@@ -17,6 +17,7 @@ import numpy as np
 SOURCES: dict[str, str] = {
     "simulator": "pipelines.sources.simulator:SimulatedDetector",
     "eiger": "pipelines.sources.eiger:EigerStreamSource",
+    "stream": "pipelines.sources.stream:FrameStreamSource",
 }
 
 

@@ -50,6 +50,8 @@ BUILTIN_STEPS: dict[str, str] = {
     "xrf": "pipelines.steps.xrf:XrfSpectrum",
     "map_position": "pipelines.steps.maps:map_position",
     "sinogram_rows": "pipelines.steps.tomo:sinogram_rows",
+    "azimuthal": "pipelines.steps.azimuthal:AzimuthalIntegration",
+    "azimuthal2d": "pipelines.steps.azimuthal:Caking",
 }
 
 

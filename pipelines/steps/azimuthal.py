@@ -10,11 +10,15 @@ over the bins it covers in proportion to the overlap, exactly as pyFAI's CSR
     I[bin] = sum_j w_j * frame_j / sum_j w_j * solid_angle_j * polarisation_j
 
 The denominator does not depend on the frame, so it is summed once when the step is
-configured; each frame costs one pass over the matrix (a numba kernel, parallel over
-bins) that reads the frame in its own dtype. Pixels that are NaN, equal to
-``dummy``, or flagged in ``meta["pixel_mask"]`` (nonzero = bad, per frame) are left
-out of both sums of their bin; pixels of the ``mask`` file are left out of the
-matrix. Bins with no valid pixel hold ``dummy`` (0 when no dummy is given), as in pyFAI.
+configured; each frame costs one pass over the matrix's indices (a numba kernel,
+parallel over blocks of bins) that reads the frame in its own dtype, without
+converting it. The rows are compressed by blocks of consecutive bins (one or two
+blocks per thread) whose entries are kept in pixel order, so each block walks the
+frame forwards once rather than once per bin (``PixelBinMatrix.to_csr`` gives the
+plain per-bin CSR). Pixels that are NaN, equal to ``dummy``, or flagged in
+``meta["pixel_mask"]`` (nonzero = bad, per frame) are left out of both sums of their
+bin; pixels of the ``mask`` file are left out of the matrix. Bins with no valid
+pixel hold ``dummy`` (0 when no dummy is given), as in pyFAI.
 
 Bins are placed as pyFAI places them: ``npt`` equal bins from the smallest to just
 above the largest pixel position (pixel centres, or bounding-box edges when
@@ -53,8 +57,6 @@ from pipelines.geometry import (
 )
 
 SPLITTINGS = ("none", "bbox")
-#: Bins are handed to threads in chunks of about equal work (matrix entries).
-CHUNKS_PER_THREAD = 16
 
 
 # ---------------------------------------------------------------- bins and pixels
@@ -366,7 +368,7 @@ class PixelBinMatrix:
     n_rows: int
     block_rows: np.ndarray  # int64, n_blocks + 1
     block_ptr: np.ndarray  # int64, n_blocks + 1
-    indices: np.ndarray  # int32 pixel index (flattened frame)
+    indices: np.ndarray  # uint32 pixel index in the flattened frame (unsigned: no negative-index checks)
     local_rows: np.ndarray  # uint16 row - block_rows[block]
     weights: np.ndarray  # float32, or empty for all ones
 
@@ -375,14 +377,14 @@ class PixelBinMatrix:
         return int(self.block_ptr[-1])
 
     def to_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The plain CSR (indptr, indices, weights as float32) with each row's entries in pixel order."""
+        """The plain CSR (indptr, int32 indices, float32 weights) with each row's entries in pixel order."""
         block_of_entry = np.repeat(np.arange(self.block_rows.size - 1), np.diff(self.block_ptr))
         rows = self.block_rows[block_of_entry] + self.local_rows
         order = np.argsort(rows, kind="stable")
         indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
         weights = self.weights[order] if self.weights.size else np.ones(self.nnz, dtype=np.float32)
-        return indptr, self.indices[order], weights
+        return indptr, self.indices[order].astype(np.int32), weights
 
 
 #: Blocks per thread: few blocks keep each block's pass over the frame long and forward.
@@ -423,20 +425,30 @@ def build_matrix(
         mode,
     )
     counts = np.zeros(n_rows, dtype=np.int64)
-    no_i64, no_i32, no_u16, no_f32 = (np.empty(0, t) for t in (np.int64, np.int32, np.uint16, np.float32))
-    _scan_pixels(*geometry_args, 0, counts, no_i64, no_i64, no_i64, no_i32, no_u16, no_f32)
+    no_i64, no_u32, no_u16, no_f32 = (np.empty(0, t) for t in (np.int64, np.uint32, np.uint16, np.float32))
+    _scan_pixels(*geometry_args, 0, counts, no_i64, no_i64, no_i64, no_u32, no_u16, no_f32)
     nnz = int(counts.sum())
-    if nnz >= 2**31:
-        raise ValueError("the pixel-to-bin table has more than 2**31 entries; use fewer bins")
+    if pixels.radial.size >= 2**32:
+        raise ValueError(f"frames of {pixels.radial.size} pixels are too large (at most 2**32)")
     blocks = blocks or BLOCKS_PER_THREAD * numba.get_num_threads()
     block_rows = _block_bounds(counts, max(1, -(-nnz // blocks)), MAX_BLOCK_ROWS)
     block_ptr = np.zeros(block_rows.size, dtype=np.int64)
     np.cumsum(np.add.reduceat(counts, block_rows[:-1]) if n_rows else [], out=block_ptr[1:])
     block_of_row = np.repeat(np.arange(block_rows.size - 1), np.diff(block_rows))
-    indices = np.empty(nnz, dtype=np.int32)
+    indices = np.empty(nnz, dtype=np.uint32)
     local_rows = np.empty(nnz, dtype=np.uint16)
     weights = np.empty(nnz, dtype=np.float32)
-    _scan_pixels(*geometry_args, 1, no_i64, block_of_row, block_rows, block_ptr[:-1].copy(), indices, local_rows, weights)
+    _scan_pixels(
+        *geometry_args,
+        1,
+        no_i64,
+        block_of_row,
+        block_rows,
+        block_ptr[:-1].copy(),
+        indices,
+        local_rows,
+        weights,
+    )
     if not split or bool(np.all(weights == 1.0)):
         weights = no_f32  # every weight is 1: the kernel then reads no weights at all
     return PixelBinMatrix(n_rows, block_rows, block_ptr, indices, local_rows, weights)
@@ -587,7 +599,9 @@ class _Integrator:
         if polarization_factor is not None and not (
             isinstance(polarization_factor, int | float) and -1.0 <= polarization_factor <= 1.0
         ):
-            raise ValueError(f"polarization_factor = {polarization_factor!r} must be None or a number in [-1, 1]")
+            raise ValueError(
+                f"polarization_factor = {polarization_factor!r} must be None or a number in [-1, 1]"
+            )
         if dummy is not None and not isinstance(dummy, int | float):
             raise ValueError(f"dummy = {dummy!r} must be None or a number")
         self.unit = radial_unit(unit)
@@ -628,7 +642,11 @@ class _Integrator:
             if self.static_mask.ndim != 2:
                 raise ValueError(f"mask = {mask!r} has shape {self.static_mask.shape}; expected a 2D image")
         if shape is not None:
-            if not (isinstance(shape, list | tuple) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+            if not (
+                isinstance(shape, list | tuple)
+                and len(shape) == 2
+                and all(isinstance(v, int) and v > 0 for v in shape)
+            ):
                 raise ValueError(f"shape = {shape!r} must be [rows, columns], two positive integers")
             shape = (int(shape[0]), int(shape[1]))
         else:
@@ -669,7 +687,9 @@ class _Integrator:
         )
         m = self.matrix
         self.pixel_norm = pixels.norm
-        self.denominator = matrix_row_sums(pixels.norm, m.block_rows, m.block_ptr, m.indices, m.local_rows, m.weights)
+        self.denominator = matrix_row_sums(
+            pixels.norm, m.block_rows, m.block_ptr, m.indices, m.local_rows, m.weights
+        )
         self._scratch: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
         self.radial = r.centers() * self.unit.scale
         self.radial.setflags(write=False)
@@ -687,7 +707,9 @@ class _Integrator:
         if self.shape is None:
             self._build(frame.shape)
         elif frame.shape != self.shape:
-            raise ValueError(f"frame shape {frame.shape} does not match the geometry's detector shape {self.shape}")
+            raise ValueError(
+                f"frame shape {frame.shape} does not match the geometry's detector shape {self.shape}"
+            )
 
     def _integrate(self, frame: np.ndarray, meta: dict | None, out: np.ndarray) -> np.ndarray:
         self._check_frame(frame)
@@ -697,7 +719,9 @@ class _Integrator:
         else:
             pixel_mask = np.asarray(pixel_mask)
             if pixel_mask.shape != self.shape:
-                raise ValueError(f"meta['pixel_mask'] has shape {pixel_mask.shape}, the frame has {self.shape}")
+                raise ValueError(
+                    f"meta['pixel_mask'] has shape {pixel_mask.shape}, the frame has {self.shape}"
+                )
             flat_mask = _native_frame(pixel_mask)
         flat = _native_frame(frame)
         m = self.matrix
@@ -774,7 +798,12 @@ class _Integrator:
             s = self.unit.scale
             if self.two_d:
                 a = self.azimuth_axis
-                out["axisscales"] = [r.lower * s, a.lower * CHI_DEG_SCALE, r.delta * s, a.delta * CHI_DEG_SCALE]
+                out["axisscales"] = [
+                    r.lower * s,
+                    a.lower * CHI_DEG_SCALE,
+                    r.delta * s,
+                    a.delta * CHI_DEG_SCALE,
+                ]
                 out["axislabels"] = [self.unit.label, "chi", self.unit.symbol, "deg"]
             else:
                 out["axisscales"] = [r.lower * s, 0.0, r.delta * s, 1.0]
