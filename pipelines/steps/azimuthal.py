@@ -390,7 +390,7 @@ class PixelBinMatrix:
 #: Blocks per thread: few blocks keep each block's pass over the frame long and forward.
 BLOCKS_PER_THREAD = 2
 #: At most this many bins per block (the row-in-block index is a uint16).
-MAX_BLOCK_ROWS = 4096
+MAX_BLOCK_ROWS = 65535
 
 
 def build_matrix(
@@ -482,14 +482,14 @@ def _careful_block(frame, m_block_rows, m_block_ptr, block, indices, local_rows,
 
 @numba.njit(parallel=True, cache=True)
 def matrix_integrate(frame, block_rows, block_ptr, indices, local_rows, weights, denominator, pixel_norm,
-                     check_dummy, dummy, pixel_mask, empty, acc0, acc1, out):  # fmt: skip
+                     check_dummy, dummy, pixel_mask, empty, acc, out):  # fmt: skip
     """out[row] = (sum_j w_j frame[idx_j]) / denominator[row]: the matrix-vector product, parallel over blocks of bins.
 
-    ``acc0``/``acc1`` are scratch rows (int64 for integer frames without weights:
-    exact sums; float64 otherwise); two of them let consecutive entries update
-    different memory. A block with a NaN sum (a NaN pixel) is summed again without
-    its bad pixels; with a dummy value or a per-frame ``pixel_mask`` (non-empty)
-    every block takes that careful path.
+    ``acc`` is (4, rows) scratch (int64 for integer frames without weights: exact
+    sums; float64 otherwise); entry j adds to acc[j % 4] so that neighbouring
+    pixels, which often share a bin, update different memory. A block with a NaN
+    sum (a NaN pixel) is summed again without its bad pixels; with a dummy value or
+    a per-frame ``pixel_mask`` (non-empty) every block takes that careful path.
     """
     unit = weights.size == 0
     careful = check_dummy or pixel_mask.size > 0
@@ -498,32 +498,43 @@ def matrix_integrate(frame, block_rows, block_ptr, indices, local_rows, weights,
         r1 = block_rows[block + 1]
         redo = careful
         if not careful:
-            a0 = acc0[r0:r1]
-            a1 = acc1[r0:r1]
+            a0 = acc[0, r0:r1]
+            a1 = acc[1, r0:r1]
+            a2 = acc[2, r0:r1]
+            a3 = acc[3, r0:r1]
             a0[:] = 0
             a1[:] = 0
+            a2[:] = 0
+            a3[:] = 0
             j = block_ptr[block]
             stop = block_ptr[block + 1]
             if unit:
-                while j + 1 < stop:
+                while j + 3 < stop:
                     a0[local_rows[j]] += frame[indices[j]]
                     a1[local_rows[j + 1]] += frame[indices[j + 1]]
-                    j += 2
-                if j < stop:
+                    a2[local_rows[j + 2]] += frame[indices[j + 2]]
+                    a3[local_rows[j + 3]] += frame[indices[j + 3]]
+                    j += 4
+                while j < stop:
                     a0[local_rows[j]] += frame[indices[j]]
+                    j += 1
             else:
-                while j + 1 < stop:
+                while j + 3 < stop:
                     a0[local_rows[j]] += weights[j] * np.float64(frame[indices[j]])
                     a1[local_rows[j + 1]] += weights[j + 1] * np.float64(frame[indices[j + 1]])
-                    j += 2
-                if j < stop:
+                    a2[local_rows[j + 2]] += weights[j + 2] * np.float64(frame[indices[j + 2]])
+                    a3[local_rows[j + 3]] += weights[j + 3] * np.float64(frame[indices[j + 3]])
+                    j += 4
+                while j < stop:
                     a0[local_rows[j]] += weights[j] * np.float64(frame[indices[j]])
-            for r in range(r0, r1):
-                s = np.float64(acc0[r]) + np.float64(acc1[r])
+                    j += 1
+            for k in range(r1 - r0):
+                s = (np.float64(a0[k]) + np.float64(a1[k])) + (np.float64(a2[k]) + np.float64(a3[k]))
                 if s != s:
                     redo = True
                     break
-                out[r] = s / denominator[r] if denominator[r] > 0.0 else empty
+                d = denominator[r0 + k]
+                out[r0 + k] = s / d if d > 0.0 else empty
         if redo:
             _careful_block(frame, block_rows, block_ptr, block, indices, local_rows, weights, pixel_norm,
                            check_dummy, dummy, pixel_mask, empty, out)  # fmt: skip
@@ -690,7 +701,7 @@ class _Integrator:
         self.denominator = matrix_row_sums(
             pixels.norm, m.block_rows, m.block_ptr, m.indices, m.local_rows, m.weights
         )
-        self._scratch: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+        self._scratch: dict[bool, np.ndarray] = {}
         self.radial = r.centers() * self.unit.scale
         self.radial.setflags(write=False)
         if self.two_d:
@@ -729,7 +740,7 @@ class _Integrator:
         scratch = self._scratch.get(exact)
         if scratch is None:
             dtype = np.int64 if exact else np.float64
-            scratch = self._scratch[exact] = (np.empty(m.n_rows, dtype), np.empty(m.n_rows, dtype))
+            scratch = self._scratch[exact] = np.empty((4, m.n_rows), dtype)
         matrix_integrate(
             flat,
             m.block_rows,
@@ -743,8 +754,7 @@ class _Integrator:
             0.0 if self.dummy is None else self.dummy,
             flat_mask,
             self.empty,
-            scratch[0],
-            scratch[1],
+            scratch,
             out.reshape(-1),
         )
         return out
