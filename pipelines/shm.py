@@ -308,8 +308,14 @@ class RingReader:
         slots = _check_int(announcement.get("slots"), "announced slots", 1, MAX_SLOTS)
         slot_bytes = _check_int(announcement.get("slot_bytes"), "announced slot_bytes", 1, 1 << 40)
         with self._lock:
-            if name not in self._segments:
+            known = self._segments.get(name)
+            if known is None:
                 self._segments[name] = _Segment(name, slots, slot_bytes)
+            elif (known.slots, known.slot_bytes) != (slots, slot_bytes):
+                raise BadMessage(
+                    "bad_shm_segment",
+                    f"segment {name!r} holds {known.slots} x {known.slot_bytes} bytes, announced {slots} x {slot_bytes}",
+                )
             self._current = name
             self._close_retired()
         return name

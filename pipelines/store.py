@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import message as m
+from .steps.maps import MapAssembler
 
 _SCALAR_BYTES = 64  # rough cost of one stored scalar
 
@@ -107,15 +108,6 @@ class SinkStore:
         return [ds.describe() for ds in self.datasets.values()]
 
 
-def grid_position(index: int, shape: tuple[int, int], snake: bool = False) -> tuple[int, int]:
-    """(row, column) of acquisition ``index`` on a scan grid of ``shape`` (slow, fast);
-    with ``snake`` every other row runs backwards, as a snake mesh scan does."""
-    row, col = divmod(index, shape[1])
-    if snake and row % 2:
-        col = shape[1] - 1 - col
-    return row, col
-
-
 def scan_grid(meta: dict[str, Any]) -> tuple[tuple[int, int], bool]:
     """The grid of a scan from StartScan's metadata: ``scan_shape`` [slow, fast] and ``snake``."""
     shape = meta.get("scan_shape")
@@ -169,9 +161,9 @@ class StoreQueries:
         """A scalar result assembled on the scan grid (NaN where not measured)."""
         ds = self.dataset(scan, stream)
         shape, snake = scan_grid(ds.meta)
-        out = np.full(shape, np.nan)
+        assembler = MapAssembler(shape, snake)
         for i, rec in ds.records.items():
             value = rec.scalars.get(name)
             if isinstance(value, int | float) and i < shape[0] * shape[1]:
-                out[grid_position(i, shape, snake)] = value
-        return out
+                assembler.add(i, value)
+        return assembler.map

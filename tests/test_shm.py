@@ -61,8 +61,8 @@ class Pipeline:
         self.workers = []
         wait_for(lambda: len(self.sorter.consumers) == 1, what="writer")
 
-    def add_worker(self, name, steps=STEPS, credit=2, use_shm=True):
-        worker = WorkerEngine(steps, name=name, credit=credit, use_shm=use_shm)
+    def add_worker(self, name, steps=STEPS, credit=2, use_shm=True, heartbeat_s=0.1):
+        worker = WorkerEngine(steps, name=name, credit=credit, use_shm=use_shm, heartbeat_s=heartbeat_s)
         worker.start()
         worker.connect(self.master.endpoint, self.sorter.collect_endpoint)
         self.workers.append(worker)
@@ -163,14 +163,17 @@ def test_slots_of_a_silent_worker_are_reclaimed_and_its_frames_sent_again(tmp_pa
         assert p.master.counters()["ShmWorkers"] == 2
         results = read_results(p.scan(60))
         c = p.master.counters()
+        segment = p.master.shm_segment
         taken = []
         while ghost.poll(0):
             taken.append(receive(ghost)[1])
     finally:
         p.stop()
         ghost.close(0)
+    kinds = [msg.kind for msg in taken]
+    assert kinds == [m.SCAN_START, m.HELLO, m.FRAME, m.FRAME, m.FRAME, m.FRAME]  # where to look, then handles
+    assert taken[1].body["shm"]["segment"] == segment
     handles = [msg.body["shm"] for msg in taken if msg.kind == m.FRAME]
-    assert [msg.kind for msg in taken][0] == m.HELLO and "shm" in taken[0].body  # where to look, first
     assert len(handles) == 4  # the scan start took one of its 5 credits
     assert p.master.lost_workers == 1 and c["ShmReclaimed"] == 4 and c["ShmSlotsInUse"] == 0
     assert_every_frame_once_and_right(results, p.source, 60)

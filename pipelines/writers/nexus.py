@@ -4,6 +4,12 @@ Every per-frame result is a dataset whose first dimension is the acquisition
 index, so row ``i`` of every dataset belongs to frame ``i``; a gap leaves a row
 of NaN (or 0 for integers) and ``valid[i] = False``. The scan's metadata, the
 detector settings and the processing configuration are stored beside the data.
+
+Results of a derived stream (``"hits/peaks"``) exist only for some frames and
+may change length from frame to frame (a list of peaks): each derived stream
+gets its own NXdata group with ``index`` (the frames that have it), scalars one
+row per entry, and arrays concatenated along their first axis with ``<name>_count``
+saying how many rows each entry added (the CXI/"ragged" layout).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class NexusScanFile:
         proc.attrs["NX_class"] = "NXprocess"
         proc["program"] = "tangopipe"
         proc["configuration_json"] = _json(processing)
+        self.derived: dict[str, h5py.Group] = {}
         self.data = entry.create_group(start.stream or "results")
         self.data.attrs["NX_class"] = "NXdata"
         entry.attrs["default"] = self.data.name.rsplit("/", 1)[-1]
@@ -133,12 +140,47 @@ class NexusScanFile:
         for k, v in msg.scalars.items():
             if isinstance(v, bool | int | float):
                 values[k] = np.asarray(v, dtype=np.float64 if isinstance(v, float) else None)
+        derived: dict[str, dict[str, np.ndarray]] = {}
+        for name in [n for n in values if "/" in n]:
+            stream, _, key = name.partition("/")
+            derived.setdefault(stream, {})[key] = values.pop(name)
+        for stream, results in derived.items():
+            self._write_derived(stream, row, results)
         for name, value in values.items():
             ds = self._dataset_for(name, value)
             if ds.shape[0] < self.rows:
                 ds.resize(self.rows, axis=0)
             ds[row] = value
         self.written += 1
+
+    @staticmethod
+    def _append(group: h5py.Group, name: str, value: np.ndarray) -> None:
+        """Append ``value`` along axis 0 of dataset ``name`` (created on first use)."""
+        ds = group.get(name)
+        if ds is None:
+            rows = max(1, min(1024, (1 << 20) // max(1, value[0].nbytes if value.ndim else value.nbytes)))
+            ds = group.create_dataset(
+                name, shape=(0, *value.shape[1:]), maxshape=(None, *value.shape[1:]), dtype=value.dtype,
+                chunks=(rows, *value.shape[1:]),
+            )
+        elif ds.shape[1:] != value.shape[1:]:
+            raise ValueError(f"result {group.name}/{name} changed shape from {ds.shape[1:]} to {value.shape[1:]}")
+        start = ds.shape[0]
+        ds.resize(start + value.shape[0], axis=0)
+        ds[start:] = value
+
+    def _write_derived(self, stream: str, row: int, results: dict[str, np.ndarray]) -> None:
+        group = self.derived.get(stream)
+        if group is None:
+            group = self.derived[stream] = self.file["entry"].create_group(stream)
+            group.attrs["NX_class"] = "NXdata"
+        self._append(group, "index", np.asarray([row], dtype=np.int64))
+        for key, value in results.items():
+            if value.ndim == 0:
+                self._append(group, key, value.reshape(1))
+            else:
+                self._append(group, key, value)
+                self._append(group, f"{key}_count", np.asarray([value.shape[0]], dtype=np.int64))
 
     def flush(self, every_s: float = 1.0) -> None:
         now = time.monotonic()
