@@ -275,6 +275,11 @@ class PipelineDevice(Device):
     def DataEndpoint(self) -> str:
         return getattr(self.engine, "endpoint", "") if self.engine is not None else ""
 
+    @attribute(dtype=(float,), max_dim_x=2, unit="ms", doc="latency since acquisition this scan: [p50, p99]")
+    def LatencyMs(self) -> list[float]:
+        c = self.counter_values()
+        return [c.get("LatencyP50Ms", 0.0), c.get("LatencyP99Ms", 0.0)]
+
     @attribute(dtype=str, doc="all counters as JSON (for scripts and the tangopipe status command)")
     def Counters(self) -> str:
         return json.dumps(self.counter_values())

@@ -50,7 +50,8 @@ def collect_status(session: deploy.Session, definition: PipelineDefinition) -> d
 
 
 def format_status(status: dict[str, Any], tango_host: str) -> str:
-    keys = ("FramesIn", "FramesOut", "QueueDepth", "InputRateHz", "BadMessages", "DroppedFrames")
+    keys = ("FramesIn", "FramesOut", "QueueDepth", "InFlight", "InputRateHz", "OutputRateHz", "LatencyP99Ms",
+            "BadMessages", "DroppedFrames")
     rows = [("device", "state", *keys, "status")]
     for d in status["devices"]:
         c = d["counters"]

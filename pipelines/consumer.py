@@ -124,5 +124,5 @@ class ConsumerEngine(Engine):
 
     def counters(self) -> dict[str, Any]:
         c = self.stats.snapshot()
-        c["ScansDone"] = self.scans_done
+        c.update(ScansDone=self.scans_done, QueueCapacity=self.link.credit, InFlight=self._owed, QueueDepth=0)
         return c

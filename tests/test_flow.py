@@ -318,3 +318,42 @@ def test_a_slow_writer_backpressures_to_the_master_policy(tmp_path, policy):
             assert dropped == (~valid).sum() == p.writer.gaps_written == p.sorter.reorder.missing
     finally:
         p.stop()
+
+
+def test_branching_each_frame_reaches_one_worker_of_every_group(tmp_path):
+    source = SimulatedDetector(shape=[32, 32], rate_hz=0, frames=60)
+    master = MasterEngine(source, groups=["xrd", "xrf"])
+    master.bind_now()
+    engines = [master]
+    try:
+        writers = {}
+        for group, steps in (("xrd", STEPS), ("xrf", ["passthrough"])):
+            sorter = SorterEngine(name=f"sorter-{group}")
+            sorter.bind_now()
+            writer = WriterEngine(name=f"writer-{group}", directory=str(tmp_path / group))
+            writer.start()
+            writer.connect(sorter.endpoint)
+            engines += [sorter, writer]
+            writers[group] = writer
+            for i in range(2):
+                worker = WorkerEngine(steps, name=f"{group}-{i}", group=group)
+                worker.start()
+                worker.connect(master.endpoint, sorter.collect_endpoint)
+                engines.append(worker)
+        wait_for(lambda: len(master.peers) == 4, what="4 workers")
+        master.start_scan({"frames": 60})
+        wait_for(lambda: not master.acquiring)
+        master.end_scan()
+        wait_for(lambda: all(w.scans_done == 1 for w in writers.values()), what="both files")
+        for group, writer in writers.items():
+            workers = [e for e in engines if isinstance(e, WorkerEngine) and e.group == group]
+            assert sum(w.stats.frames_out for w in workers) == 60
+            with h5py.File(writer.last_file) as f:
+                assert list(f[f"entry/{group}/index"][:]) == list(range(60))
+        with h5py.File(writers["xrf"].last_file) as f:
+            np.testing.assert_array_equal(f["entry/xrf/image"][17], source.frame(17))
+        with h5py.File(writers["xrd"].last_file) as f:
+            assert "corner_sum" in f["entry/xrd"] and "image" not in f["entry/xrd"]
+    finally:
+        for engine in engines:
+            engine.stop()
