@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -26,6 +27,11 @@ from . import deploy
 from .database import DeploymentError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+
+#: modules adding more subcommands: each has ``add_commands(subparsers)``; their
+#: functions take the parsed arguments and return an exit code, raising
+#: DeploymentError or DefinitionError for the user's mistakes.
+COMMAND_MODULES: list[str] = []
 EXIT_CONFIG = 2
 
 
@@ -272,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("config-help", help="the pipeline definition reference")
     p.set_defaults(func=cmd_config_help)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(sub)
     return parser
 
 

@@ -362,19 +362,36 @@ class PixelBinMatrix:
     ``indptr`` at block granularity). Within a block the entries are stored in pixel
     order, each with its row inside the block (``local_rows``), so that a block's
     pass over the frame walks memory forwards once instead of once per bin.
-    ``weights`` is empty when every weight is 1 (no pixel splitting).
+
+    Column (pixel) indices are stored one of two ways. With pixel splitting, one
+    per entry (``indices``). Without, a pixel appears at most once per block and a
+    block's pixels form long runs of consecutive indices (the rows of the image
+    crossing its annulus or sector), so they are stored as runs: ``run_ptr`` (first
+    run of each block), ``run_start`` and ``run_length``; the frame is then read as
+    contiguous slices. ``weights`` is empty when every weight is 1.
     """
 
     n_rows: int
     block_rows: np.ndarray  # int64, n_blocks + 1
     block_ptr: np.ndarray  # int64, n_blocks + 1
-    indices: np.ndarray  # uint32 pixel index in the flattened frame (unsigned: no negative-index checks)
-    local_rows: np.ndarray  # uint16 row - block_rows[block]
-    weights: np.ndarray  # float32, or empty for all ones
+    local_rows: np.ndarray  # uint16 row - block_rows[block], per entry
+    weights: np.ndarray  # float32 per entry, or empty for all ones
+    indices: np.ndarray  # uint32 pixel index per entry, or empty when stored as runs
+    run_ptr: np.ndarray  # int64, n_blocks + 1 (empty without runs)
+    run_start: np.ndarray  # uint32 first pixel of each run
+    run_length: np.ndarray  # uint32 pixels in each run
 
     @property
     def nnz(self) -> int:
         return int(self.block_ptr[-1])
+
+    def entry_indices(self) -> np.ndarray:
+        """The pixel index of every entry (int64), whichever way they are stored."""
+        if self.run_ptr.size == 0:
+            return self.indices.astype(np.int64)
+        lengths = self.run_length.astype(np.int64)
+        first_entry = np.cumsum(lengths) - lengths
+        return np.repeat(self.run_start.astype(np.int64) - first_entry, lengths) + np.arange(lengths.sum())
 
     def to_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The plain CSR (indptr, int32 indices, float32 weights) with each row's entries in pixel order."""
@@ -384,13 +401,24 @@ class PixelBinMatrix:
         indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
         weights = self.weights[order] if self.weights.size else np.ones(self.nnz, dtype=np.float32)
-        return indptr, self.indices[order].astype(np.int32), weights
+        return indptr, self.entry_indices()[order].astype(np.int32), weights
 
 
 #: Blocks per thread: few blocks keep each block's pass over the frame long and forward.
 BLOCKS_PER_THREAD = 2
 #: At most this many bins per block (the row-in-block index is a uint16).
 MAX_BLOCK_ROWS = 65535
+
+
+def _runs(indices: np.ndarray, block_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of consecutive pixel indices within each block: (run_ptr, run_start, run_length)."""
+    starts = np.ones(indices.size, dtype=bool)
+    starts[1:] = np.diff(indices.astype(np.int64)) != 1
+    starts[block_ptr[:-1][block_ptr[:-1] < indices.size]] = True
+    first = np.flatnonzero(starts)
+    run_length = np.diff(np.append(first, indices.size)).astype(np.uint32)
+    run_ptr = np.searchsorted(first, block_ptr).astype(np.int64)
+    return run_ptr, indices[first].copy(), run_length
 
 
 def build_matrix(
@@ -424,12 +452,12 @@ def build_matrix(
         *a_args,
         mode,
     )
+    if pixels.radial.size >= 2**32:
+        raise ValueError(f"frames of {pixels.radial.size} pixels are too large (at most 2**32)")
     counts = np.zeros(n_rows, dtype=np.int64)
     no_i64, no_u32, no_u16, no_f32 = (np.empty(0, t) for t in (np.int64, np.uint32, np.uint16, np.float32))
     _scan_pixels(*geometry_args, 0, counts, no_i64, no_i64, no_i64, no_u32, no_u16, no_f32)
     nnz = int(counts.sum())
-    if pixels.radial.size >= 2**32:
-        raise ValueError(f"frames of {pixels.radial.size} pixels are too large (at most 2**32)")
     blocks = blocks or BLOCKS_PER_THREAD * numba.get_num_threads()
     block_rows = _block_bounds(counts, max(1, -(-nnz // blocks)), MAX_BLOCK_ROWS)
     block_ptr = np.zeros(block_rows.size, dtype=np.int64)
@@ -449,31 +477,49 @@ def build_matrix(
         local_rows,
         weights,
     )
+    run_ptr, run_start, run_length = np.empty(0, np.int64), no_u32, no_u32
     if not split or bool(np.all(weights == 1.0)):
         weights = no_f32  # every weight is 1: the kernel then reads no weights at all
-    return PixelBinMatrix(n_rows, block_rows, block_ptr, indices, local_rows, weights)
+        if not split:  # each pixel at most once per block: store the pixels as runs
+            run_ptr, run_start, run_length = _runs(indices, block_ptr)
+            indices = no_u32
+    return PixelBinMatrix(
+        n_rows, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start, run_length
+    )
 
 
 # ---------------------------------------------------------------- per-frame kernel
 
 
 @numba.njit(cache=True)
-def _careful_block(frame, m_block_rows, m_block_ptr, block, indices, local_rows, weights, pixel_norm,
-                   check_dummy, dummy, pixel_mask, empty, out):  # fmt: skip
+def _careful_block(frame, block, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start, run_length,
+                   pixel_norm, check_dummy, dummy, pixel_mask, empty, out):  # fmt: skip
     """One block again, leaving out NaN / dummy / masked pixels from signal and normalisation."""
-    r0 = m_block_rows[block]
-    n = m_block_rows[block + 1] - r0
+    r0 = block_rows[block]
+    n = block_rows[block + 1] - r0
     unit = weights.size == 0
     check_mask = pixel_mask.size > 0
     signal = np.zeros(n)
     normalization = np.zeros(n)
-    for j in range(m_block_ptr[block], m_block_ptr[block + 1]):
-        idx = indices[j]
+    j = block_ptr[block]
+    stop = block_ptr[block + 1]
+    run = run_ptr[block] if run_ptr.size > 0 else 0
+    offset = 0
+    while j < stop:
+        if run_ptr.size > 0:
+            idx = np.int64(run_start[run]) + offset
+            offset += 1
+            if offset == run_length[run]:
+                run += 1
+                offset = 0
+        else:
+            idx = np.int64(indices[j])
         v = frame[idx]
-        if v != v or (check_dummy and v == dummy) or (check_mask and pixel_mask[idx] != 0):
-            continue
         w = 1.0 if unit else np.float64(weights[j])
         k = local_rows[j]
+        j += 1
+        if v != v or (check_dummy and v == dummy) or (check_mask and pixel_mask[idx] != 0):
+            continue
         signal[k] += w * v
         normalization[k] += w * np.float64(pixel_norm[idx])
     for k in range(n):
@@ -481,8 +527,8 @@ def _careful_block(frame, m_block_rows, m_block_ptr, block, indices, local_rows,
 
 
 @numba.njit(parallel=True, cache=True)
-def matrix_integrate(frame, block_rows, block_ptr, indices, local_rows, weights, denominator, pixel_norm,
-                     check_dummy, dummy, pixel_mask, empty, acc, out):  # fmt: skip
+def matrix_integrate(frame, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start, run_length,
+                     denominator, pixel_norm, check_dummy, dummy, pixel_mask, empty, acc, out):  # fmt: skip
     """out[row] = (sum_j w_j frame[idx_j]) / denominator[row]: the matrix-vector product, parallel over blocks of bins.
 
     ``acc`` is (4, rows) scratch (int64 for integer frames without weights: exact
@@ -491,7 +537,7 @@ def matrix_integrate(frame, block_rows, block_ptr, indices, local_rows, weights,
     sum (a NaN pixel) is summed again without its bad pixels; with a dummy value or
     a per-frame ``pixel_mask`` (non-empty) every block takes that careful path.
     """
-    unit = weights.size == 0
+    runs = run_ptr.size > 0
     careful = check_dummy or pixel_mask.size > 0
     for block in numba.prange(block_rows.size - 1):
         r0 = block_rows[block]
@@ -508,7 +554,23 @@ def matrix_integrate(frame, block_rows, block_ptr, indices, local_rows, weights,
             a3[:] = 0
             j = block_ptr[block]
             stop = block_ptr[block + 1]
-            if unit:
+            if runs:  # no splitting: contiguous slices of the frame, weights all 1
+                for run in range(run_ptr[block], run_ptr[block + 1]):
+                    n = np.int64(run_length[run])
+                    values = frame[np.int64(run_start[run]) : np.int64(run_start[run]) + n]
+                    rows = local_rows[j : j + n]
+                    q = 0
+                    while q + 3 < n:
+                        a0[rows[q]] += values[q]
+                        a1[rows[q + 1]] += values[q + 1]
+                        a2[rows[q + 2]] += values[q + 2]
+                        a3[rows[q + 3]] += values[q + 3]
+                        q += 4
+                    while q < n:
+                        a0[rows[q]] += values[q]
+                        q += 1
+                    j += n
+            elif weights.size == 0:
                 while j + 3 < stop:
                     a0[local_rows[j]] += frame[indices[j]]
                     a1[local_rows[j + 1]] += frame[indices[j + 1]]
@@ -536,21 +598,17 @@ def matrix_integrate(frame, block_rows, block_ptr, indices, local_rows, weights,
                 d = denominator[r0 + k]
                 out[r0 + k] = s / d if d > 0.0 else empty
         if redo:
-            _careful_block(frame, block_rows, block_ptr, block, indices, local_rows, weights, pixel_norm,
-                           check_dummy, dummy, pixel_mask, empty, out)  # fmt: skip
+            _careful_block(frame, block, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start,
+                           run_length, pixel_norm, check_dummy, dummy, pixel_mask, empty, out)  # fmt: skip
 
 
-@numba.njit(parallel=True, cache=True)
-def matrix_row_sums(vector, block_rows, block_ptr, indices, local_rows, weights):
+def matrix_row_sums(matrix: PixelBinMatrix, vector: np.ndarray) -> np.ndarray:
     """sum_j w_j vector[idx_j] per row, float64: the frame-independent normalisation."""
-    out = np.zeros(block_rows[-1])
-    unit = weights.size == 0
-    for block in numba.prange(block_rows.size - 1):
-        r0 = block_rows[block]
-        for j in range(block_ptr[block], block_ptr[block + 1]):
-            w = 1.0 if unit else np.float64(weights[j])
-            out[r0 + local_rows[j]] += w * np.float64(vector[indices[j]])
-    return out
+    rows = np.repeat(matrix.block_rows[:-1], np.diff(matrix.block_ptr)) + matrix.local_rows
+    values = vector.astype(np.float64)[matrix.entry_indices()]
+    if matrix.weights.size:
+        values *= matrix.weights
+    return np.bincount(rows, weights=values, minlength=matrix.n_rows)
 
 
 # ---------------------------------------------------------------- the steps
@@ -698,9 +756,7 @@ class _Integrator:
         )
         m = self.matrix
         self.pixel_norm = pixels.norm
-        self.denominator = matrix_row_sums(
-            pixels.norm, m.block_rows, m.block_ptr, m.indices, m.local_rows, m.weights
-        )
+        self.denominator = matrix_row_sums(m, pixels.norm)
         self._scratch: dict[bool, np.ndarray] = {}
         self.radial = r.centers() * self.unit.scale
         self.radial.setflags(write=False)
@@ -745,9 +801,12 @@ class _Integrator:
             flat,
             m.block_rows,
             m.block_ptr,
-            m.indices,
             m.local_rows,
             m.weights,
+            m.indices,
+            m.run_ptr,
+            m.run_start,
+            m.run_length,
             self.denominator,
             self.pixel_norm,
             self.dummy is not None,
