@@ -63,9 +63,6 @@ class WorkItem:
 class MasterEngine(Engine):
     """Queue and credit dispatcher; see the module docstring."""
 
-    #: ring slots when ``shm_slots`` is 0 (never more than the queue capacity)
-    AUTO_SHM_SLOTS = 32
-
     def __init__(
         self,
         source: FrameSource,
@@ -92,10 +89,10 @@ class MasterEngine(Engine):
             raise ValueError(f"OverflowPolicy {overflow_policy!r} is not one of {choices}") from None
         if queue_capacity < 1:
             raise ValueError(f"MaxQueueFrames must be >= 1, got {queue_capacity}")
-        if isinstance(shm_slots, bool) or not isinstance(shm_slots, int) or not 0 <= shm_slots <= shm.MAX_SLOTS:
+        if type(shm_slots) is not int or not 0 <= shm_slots <= shm.MAX_SLOTS:
             raise ValueError(f"ShmSlots must be 0 (automatic) to {shm.MAX_SLOTS}, got {shm_slots!r}")
-        if isinstance(shm_slot_bytes, bool) or not isinstance(shm_slot_bytes, int) or shm_slot_bytes < 0:
-            raise ValueError(f"ShmSlotBytes must be 0 (size of the first frame) or more, got {shm_slot_bytes!r}")
+        if type(shm_slot_bytes) is not int or shm_slot_bytes < 0:
+            raise ValueError(f"ShmSlotBytes must be 0 (first frame's size) or more, got {shm_slot_bytes!r}")
         self.groups = list(dict.fromkeys(groups))
         if not self.groups:
             raise ValueError("the master needs at least one worker group")
@@ -128,7 +125,7 @@ class MasterEngine(Engine):
         self._source_error = ""
         # same-host fast path
         self.use_shm = bool(use_shm) and shm.shm_supported()
-        self.shm_slots = shm_slots or min(queue_capacity, self.AUTO_SHM_SLOTS)
+        self.shm_slots = shm_slots  # 0: shm.auto_slots, from the first frame's size
         self.shm_slot_bytes = shm_slot_bytes
         self._boot_id = shm.boot_id()
         self._ring: shm.FrameRing | None = None
@@ -326,9 +323,8 @@ class MasterEngine(Engine):
             local = self.use_shm and shm.same_host(msg.body, self._boot_id)
             if local:
                 self._shm_peers[identity] = ""
-            self.log.info(
-                "worker %s joined group %s with credit %d%s", name, group, credit, " (shared memory)" if local else ""
-            )
+            path = " (shared memory)" if local else ""
+            self.log.info("worker %s joined group %s with credit %d%s", name, group, credit, path)
             self.emit("workers", self.worker_names())
             return
         if peer is None:
@@ -353,7 +349,8 @@ class MasterEngine(Engine):
 
     def _acknowledge(self, peer: Peer, msg: m.Message) -> None:
         n, done, refused = msg.body.get("n", 0), msg.body.get("done", []), msg.body.get("refused", [])
-        if not isinstance(n, int) or not 0 <= n <= 1024 or not isinstance(done, list) or not isinstance(refused, list):
+        lists = isinstance(done, list) and isinstance(refused, list)
+        if not isinstance(n, int) or not 0 <= n <= 1024 or not lists:
             self.stats.bad.record("bad_credit", f"credit from {peer.name}: {str(msg.body)[:80]}")
             return
         now = time.time()
@@ -398,8 +395,8 @@ class MasterEngine(Engine):
         self.shm_refused += len(items)
         self.redispatched += len(items)
         if self._shm_peers.pop(peer.identity, None) is not None:
-            self.log.warning("worker %s cannot read frames from shared memory (%s); it gets them over ZeroMQ",
-                             peer.name, reason)
+            why = f"worker {peer.name} cannot read frames from shared memory ({reason})"
+            self.log.warning("%s; it gets them over ZeroMQ", why)
 
     def _drop_slot(self, item: WorkItem, identity: bytes) -> bool:
         """``identity`` no longer holds the item's slot; free the slot when nobody does."""
@@ -512,16 +509,17 @@ class MasterEngine(Engine):
                 return None
             ring.close()
             self._ring = None
+        slot_bytes = max(self.shm_slot_bytes, data.nbytes, 1)
+        slots = self.shm_slots or shm.auto_slots(slot_bytes, self.queue_capacity)
         try:
-            self._ring = shm.FrameRing(self.shm_slots, max(self.shm_slot_bytes, data.nbytes, 1))
+            self._ring = shm.FrameRing(slots, slot_bytes)
         except (OSError, ValueError) as exc:
             self._shm_error = str(exc)
             self.log.warning("no shared-memory ring (%s); same-host workers get frames over ZeroMQ", exc)
             return None
-        self.log.info(
-            "shared-memory ring %s: %d slots of %d bytes", self._ring.name, self._ring.slots, self._ring.slot_bytes
-        )
-        return self._ring
+        ring = self._ring
+        self.log.info("shared-memory ring %s: %d slots of %d bytes", ring.name, ring.slots, ring.slot_bytes)
+        return ring
 
     def _best_peer(self, group: str) -> Peer | None:
         best = None

@@ -52,6 +52,8 @@ NAME_PATTERN = re.compile(r"tangopipe-ring-(\d{1,10})-([0-9a-f]{8})\Z")
 MAGIC = b"TPRING01"
 PAGE = 4096
 MAX_SLOTS = 4096
+AUTO_SLOTS = 32  # slots of a ring sized automatically: at most this many...
+AUTO_BYTES = 512 << 20  # ...and at most this much memory (and half of what /dev/shm has free)
 _HEADER = struct.Struct("<8sQQQQ")  # magic, slots, slot_bytes, data offset, owner pid
 _GENERATIONS_AT = 64  # one little-endian uint64 per slot from here on
 _GENERATION = struct.Struct("<Q")
@@ -116,6 +118,17 @@ def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     if removed:
         log.warning("removed %d shared-memory segment(s) left by dead masters: %s", len(removed), removed)
     return removed
+
+
+def auto_slots(slot_bytes: int, limit: int) -> int:
+    """How many slots a ring gets when not configured: enough for the frames workers hold at
+    once (``limit``: the master's queue capacity), bounded in memory; at least 2."""
+    slot_bytes = _round_up(max(slot_bytes, 1), PAGE)
+    n = min(limit, AUTO_SLOTS, AUTO_BYTES // slot_bytes)
+    free = _free_bytes(SHM_DIR)
+    if free is not None:
+        n = min(n, free // 2 // slot_bytes)
+    return max(n, 2)
 
 
 def _round_up(n: int, to: int) -> int:
@@ -187,7 +200,9 @@ class FrameRing:
         return {"segment": self.name, "slots": self.slots, "slot_bytes": self.slot_bytes}
 
     def fits(self, array: np.ndarray) -> bool:
-        return array.dtype.str in ALLOWED_DTYPES and array.ndim <= MAX_NDIM and array.nbytes <= self.slot_bytes
+        return (
+            array.dtype.str in ALLOWED_DTYPES and array.ndim <= MAX_NDIM and array.nbytes <= self.slot_bytes
+        )
 
     def put(self, array: np.ndarray) -> dict[str, Any] | None:
         """Copy ``array`` into a free slot; its handle, or None when every slot is held."""
@@ -249,7 +264,9 @@ class _Segment:
         try:
             size = os.fstat(fd).st_size
             if size < _GENERATIONS_AT:
-                raise BadMessage("bad_shm_segment", f"segment {name!r} has {size} bytes, too small for a ring")
+                raise BadMessage(
+                    "bad_shm_segment", f"segment {name!r} has {size} bytes, too small for a ring"
+                )
             self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
@@ -301,10 +318,14 @@ class RingReader:
     def attach(self, announcement: Any) -> str:
         """Map the segment of a master's announcement (raises BadMessage or OSError); return its name."""
         if not isinstance(announcement, dict):
-            raise BadMessage("bad_shm_announcement", f"announcement {str(announcement)[:60]!r} is not an object")
+            raise BadMessage(
+                "bad_shm_announcement", f"announcement {str(announcement)[:60]!r} is not an object"
+            )
         name = announcement.get("segment")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise BadMessage("bad_shm_announcement", f"segment name {str(name)[:60]!r} is not a tangopipe ring")
+            raise BadMessage(
+                "bad_shm_announcement", f"segment name {str(name)[:60]!r} is not a tangopipe ring"
+            )
         slots = _check_int(announcement.get("slots"), "announced slots", 1, MAX_SLOTS)
         slot_bytes = _check_int(announcement.get("slot_bytes"), "announced slot_bytes", 1, 1 << 40)
         with self._lock:
@@ -331,19 +352,26 @@ class RingReader:
         generation = _check_int(handle.get("generation"), "generation", 1, (1 << 64) - 1)
         dtype_str = handle.get("dtype")
         if not isinstance(dtype_str, str) or dtype_str not in ALLOWED_DTYPES:
-            raise BadMessage("bad_shm_handle", f"dtype {str(dtype_str)[:20]!r} is not an allowed numeric dtype")
+            raise BadMessage(
+                "bad_shm_handle", f"dtype {str(dtype_str)[:20]!r} is not an allowed numeric dtype"
+            )
         dtype = np.dtype(dtype_str)
         shape = handle.get("shape")
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_NDIM
-            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= segment.slot_bytes for n in shape)
+            or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= segment.slot_bytes for n in shape
+            )
         ):
-            raise BadMessage("bad_shm_handle", f"shape {str(shape)[:60]} is not a list of <= {MAX_NDIM} sizes")
+            raise BadMessage(
+                "bad_shm_handle", f"shape {str(shape)[:60]} is not a list of <= {MAX_NDIM} sizes"
+            )
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > segment.slot_bytes:
             raise BadMessage(
-                "bad_shm_handle", f"shape {shape} of {dtype_str} needs {nbytes} bytes, a slot has {segment.slot_bytes}"
+                "bad_shm_handle",
+                f"shape {shape} of {dtype_str} needs {nbytes} bytes, a slot has {segment.slot_bytes}",
             )
         return segment, slot, generation, dtype, tuple(shape)
 
@@ -357,7 +385,8 @@ class RingReader:
             current = segment.generation(slot)
             if current != generation:
                 raise BadMessage(
-                    "stale_shm_handle", f"slot {slot} of {segment.name} is at generation {current}, not {generation}"
+                    "stale_shm_handle",
+                    f"slot {slot} of {segment.name} is at generation {current}, not {generation}",
                 )
             offset = segment.data_offset + slot * segment.slot_bytes
             array = np.ndarray(shape, dtype=dtype, buffer=segment.mm, offset=offset)

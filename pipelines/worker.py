@@ -196,7 +196,7 @@ class WorkerEngine(Engine):
 
     def _attach(self, announcement: Any) -> None:
         if not self.use_shm:
-            self.stats.bad.record("unexpected_shm", "the master announced shared memory this worker did not ask for")
+            self.stats.bad.record("unexpected_shm", "the master announced shared memory not asked for")
             return
         try:
             name = self.rings.attach(announcement)
@@ -277,9 +277,10 @@ class WorkerEngine(Engine):
         out.arrays = own_arrays(out.arrays, frame)
         if not self.rings.valid(handle):
             self.shm_stale += 1
-            reason = f"slot {handle['slot']} was taken back by the master while frame {msg.index} was processed"
+            reason = f"slot {handle['slot']} was taken back while frame {msg.index} was computed"
             self.log.warning("%s; result dropped", reason)
-            return m.Message(m.CREDIT, scan=msg.scan, index=msg.index, body={"refused": [key_of(msg)], "reason": reason})
+            body = {"refused": [key_of(msg)], "reason": reason}
+            return m.Message(m.CREDIT, scan=msg.scan, index=msg.index, body=body)
         return out
 
     def _process(self, msg: m.Message) -> m.Message:
