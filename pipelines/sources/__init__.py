@@ -16,6 +16,7 @@ import numpy as np
 #: source kind -> "module:class"
 SOURCES: dict[str, str] = {
     "simulator": "pipelines.sources.simulator:SimulatedDetector",
+    "pipeline": "pipelines.sources.chain:PipelineStreamSource",
     "eiger": "pipelines.sources.eiger:EigerStreamSource",
     "stream": "pipelines.sources.stream:FrameStreamSource",
 }
