@@ -120,7 +120,7 @@ class PipelineDevice(Device):
         self._stop_monitor = threading.Event()
         self.set_state(DevState.INIT)
         self.set_status("Initialising")
-        for name in self.event_attributes():
+        for name in ("State", "Status", *self.event_attributes()):
             self.set_change_event(name, True, False)
             self.set_archive_event(name, True, False)
         try:
@@ -252,6 +252,7 @@ class PipelineDevice(Device):
         return self._counters
 
     def _push_events(self) -> None:
+        self._push_state()
         values = self.counter_values()
         for name in self.event_attributes():
             value = values.get(name, None)
@@ -265,6 +266,21 @@ class PipelineDevice(Device):
                 self.push_archive_event(name, value)
             except tango.DevFailed:
                 pass  # a device being deleted
+
+    def _push_state(self) -> None:
+        """State and Status as change events, so GUIs need not poll them."""
+        state, status = self.dev_state(), self.dev_status()
+        if (state, status) == self._pushed.get("State"):
+            return
+        self._pushed["State"] = (state, status)
+        try:
+            self.set_state(state)  # a pushed State/Status is the stored one
+            self.set_status(status)
+            for name in ("State", "Status"):
+                self.push_change_event(name)
+                self.push_archive_event(name)
+        except tango.DevFailed:
+            pass
 
     def extra_event_value(self, name: str) -> Any:
         """Value of a pushed attribute that is not an engine counter."""

@@ -150,7 +150,7 @@ def expected_links(definition: PipelineDefinition) -> dict[str, tuple[str, int]]
     consumers: dict[str, int] = {}
     if definition.sink is not None:
         consumers[definition.sink["group"]] = 1
-    for w in definition.writers.values():
+    for w in [*definition.writers.values(), *definition.lavue_bridges.values()]:
         consumers[w["group"]] = consumers.get(w["group"], 0) + 1
     for group, count in consumers.items():
         links[definition.sorter_name(group)] = ("Consumers", count)

@@ -10,6 +10,7 @@ from tango.server import attribute, command, device_property, run
 
 from pipelines.engine import Engine
 from pipelines.master import MasterEngine, ScanError
+from pipelines.positions import PointPositions, PointTriggeredSource, parse_point
 from pipelines.sources import load_source
 
 from .base import PipelineDevice, counter, parse_json_property
@@ -43,6 +44,8 @@ class PipelineMaster(PipelineDevice):
 
     def create_engine(self) -> Engine:
         source = load_source(parse_json_property("Source", self.Source, {"kind": "simulator"}))
+        self.points = PointPositions()
+        source = PointTriggeredSource(source, self.points, lambda: engine.scan_id)
         engine = MasterEngine(
             source,
             name=self.get_name(),
@@ -95,6 +98,25 @@ class PipelineMaster(PipelineDevice):
         if not isinstance(meta, dict):
             raise ScanError(f"StartScan takes a JSON object, got {text[:80]!r}")
         return str(self._require_engine().start_scan(meta))
+
+    @command(
+        dtype_in=str,
+        doc_in='positions of one scan point, JSON: {"index": 3, "positions": {"mot01": 0.25}, "scan": 12}'
+        " (scan optional: checked against the open scan)",
+    )
+    def AddPointMetadata(self, text: str) -> None:
+        """Sent by a scan's point hook: frame ``index`` gets these positions (meta and files)."""
+        engine = self._require_engine()
+        index, positions, scan = parse_point(parse_json_property("AddPointMetadata argument", text, None))
+        if not engine.scan_open:
+            raise ScanError(f"point {index}: no scan is open; send StartScan first")
+        if scan is not None and str(scan) != str(engine.scan_id):
+            raise ScanError(f"point {index} is for scan {scan!r}, but the open scan is {engine.scan_id!r}")
+        self.points.add(engine.scan_id, index, positions)
+
+    @attribute(dtype=int, doc="scan points whose positions were reported (AddPointMetadata) this scan")
+    def PointsReported(self) -> int:
+        return self.points.count(self.engine.scan_id) if self.engine else 0
 
     @command(dtype_out=int, doc_out="frames acquired in the scan")
     def EndScan(self) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from typing import Any
 
@@ -18,6 +20,7 @@ from pipelines.sink import SinkEngine
 from .base import PipelineDevice, counter, parse_json_property
 
 MAX_COMMAND_ELEMENTS = 1 << 20  # bigger answers go through the query port
+SPECTRUM_AXES = ("radial", "azimuthal")  # 1D results that are axes, shown only when named
 
 
 class PipelineSink(PipelineDevice):
@@ -29,8 +32,20 @@ class PipelineSink(PipelineDevice):
     )
     LavuePort = device_property(dtype=int, default_value=5555, doc="TCP port of the Lavue stream (-1: no stream)")
     LavueMaxRateHz = device_property(dtype=float, default_value=10.0, doc="live images per second and topic at most")
-    ImageEventRateHz = device_property(dtype=float, default_value=2.0, doc="LatestImage change events per second at most")
+    ImageEventRateHz = device_property(
+        dtype=float, default_value=2.0, doc="LatestImage and LatestSpectrum change events per second at most"
+    )
+    SpectrumResult = device_property(
+        dtype=str, default_value="", doc="1D result shown as LatestSpectrum (empty: the first 1D array result)"
+    )
     QueryPort = device_property(dtype=int, default_value=0, doc="TCP port of the query port (0: any free port)")
+    ScalarAttributes = device_property(
+        dtype=(str,),
+        default_value=[],
+        doc="scalar results shown as float attributes (e.g. center_sum), for Sardana measurement groups; "
+        "name = result name with characters other than letters, digits and _ replaced by _; "
+        "applied at Init",
+    )
 
     StoredBytes = counter("StoredBytes", "B", "bytes of results held in memory")
     Datasets = counter("Datasets", "", "datasets (scan, stream) held")
@@ -39,6 +54,7 @@ class PipelineSink(PipelineDevice):
     engine: SinkEngine
 
     def create_engine(self) -> Engine:
+        self._make_scalar_attributes()
         self.publisher = None
         self._last_image_event = 0.0
         if self.LavuePort >= 0:
@@ -47,6 +63,7 @@ class PipelineSink(PipelineDevice):
             self.publisher = LavuePublisher(self.BindAddress, self.LavuePort, max_rate_hz=self.LavueMaxRateHz)
         self.set_change_event("LatestImage", True, False)
         self.set_change_event("LatestScalars", True, False)
+        self.set_change_event("LatestSpectrum", True, False)
         return SinkEngine(
             name=self.get_name(),
             memory_limit=self.MemoryLimit,
@@ -86,8 +103,44 @@ class PipelineSink(PipelineDevice):
                 try:
                     self.push_change_event("LatestImage", self.read_LatestImage())
                     self.push_change_event("LatestScalars", self.read_LatestScalars())
+                    self.push_change_event("LatestSpectrum", self.read_LatestSpectrum())
                 except tango.DevFailed:
                     pass
+
+    # -- one attribute per configured scalar result --------------------------------------
+    def _make_scalar_attributes(self) -> None:
+        """One float attribute per name in ScalarAttributes (made again at Init)."""
+        previous = getattr(self, "scalar_attributes", {})
+        for attr_name in previous:
+            self.remove_attribute(attr_name)
+        self.scalar_attributes: dict[str, str] = {}
+        taken = {a.get_name() for a in self.get_device_attr().get_attribute_list()}
+        wanted = scalar_attribute_names(self.ScalarAttributes, taken)
+        for attr_name, result in wanted.items():
+            attr = tango.Attr(attr_name, tango.DevDouble, tango.AttrWriteType.READ)
+            props = tango.UserDefaultAttrProp()
+            props.set_description(
+                f"scalar result {result!r} of the newest result holding it (NaN: none yet); "
+                "LatestIndex says which frame; it may lag the acquisition by the pipeline's latency"
+            )
+            props.set_format("%.6g")
+            attr.set_default_properties(props)
+            self.add_attribute(attr, r_meth=self.read_scalar_attribute)
+            self.scalar_attributes[attr_name] = result
+
+    def read_scalar_attribute(self, attr: tango.Attribute) -> None:
+        attr.set_value(self.latest_scalar(self.scalar_attributes.get(attr.get_name(), "")))
+
+    def latest_scalar(self, name: str) -> float:
+        """Scalar result ``name`` of the newest result (of any stream) that has it; NaN if none."""
+        if self.engine is None:
+            return math.nan
+        newest = sorted(list(self.engine.store.latest.values()), key=lambda x: x.times.get("sorter", 0), reverse=True)
+        for msg in newest:
+            value = msg.scalars.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+        return math.nan
 
     # -- latest results ------------------------------------------------------------------
     @attribute(
@@ -96,6 +149,21 @@ class PipelineSink(PipelineDevice):
     def LatestImage(self) -> np.ndarray:
         image = self.engine.latest_image() if self.engine else None
         return np.zeros((0, 0), np.float32) if image is None else image.astype(np.float32, copy=False)
+
+    @attribute(
+        dtype=(np.float64,), max_dim_x=1 << 20,
+        doc="newest 1D result (property SpectrumResult names it; else the first 1D array that is not an axis)",
+    )  # fmt: skip
+    def LatestSpectrum(self) -> np.ndarray:
+        latest = self.engine.latest() if self.engine else None
+        wanted = self.SpectrumResult.strip()
+        found = [
+            (key, a) for key, a in (latest.arrays.items() if latest is not None else ())
+            if a.ndim == 1 and a.dtype.kind in "biuf" and (not wanted or key == wanted)
+        ]  # fmt: skip
+        # bin centres ("radial", "azimuthal" of the azimuthal steps) are axes, not the spectrum
+        found.sort(key=lambda item: item[0].endswith(SPECTRUM_AXES))
+        return found[0][1].astype(np.float64, copy=False) if found else np.zeros(0, np.float64)
 
     @attribute(dtype=str, doc="scalar results of the newest frame, JSON: {name: value}")
     def LatestScalars(self) -> str:
@@ -152,6 +220,24 @@ class PipelineSink(PipelineDevice):
              dtype_out=str, doc_out='{"indices": [...], "values": [...]}')
     def GetSlice(self, text: str) -> str:
         return self._query("slice", text)
+
+
+def scalar_attribute_names(results: list[str], existing: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
+    """Attribute name -> result name for property ScalarAttributes; an error names the clash."""
+    out: dict[str, str] = {}
+    taken = {name.lower() for name in existing}
+    for result in results:
+        name = re.sub(r"[^A-Za-z0-9_]", "_", result.strip())
+        if not name or not name[0].isalpha():
+            name = f"r_{name}"
+        if name.lower() in taken:
+            raise ValueError(f"property ScalarAttributes: {result!r} gives attribute {name!r}, which the sink already has")
+        if name.lower() in {n.lower() for n in out}:
+            raise ValueError(
+                f"property ScalarAttributes: {result!r} gives attribute {name!r} a second time; keep one"
+            )
+        out[name] = result
+    return out
 
 
 def main(args: list[str] | None = None) -> None:

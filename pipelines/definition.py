@@ -81,6 +81,14 @@ SINK = {
     "memory_limit_mb": (Positive, 1024, "memory for stored results, in MiB; least recently used evicted"),
     "lavue": (dict, {}, "Lavue stream: port, max_rate_hz"),
     "query_port": (PortNumber, 0, "port of the sink's query port (0: any free port)"),
+    "spectrum_result": (str, "", "1D result shown as LatestSpectrum (empty: the first 1D array result)"),
+    "image_event_rate_hz": (float, 2.0, "LatestImage/LatestSpectrum change events per second at most"),
+}
+LAVUE_BRIDGE = {
+    "group": (Name, REQUIRED, "the worker group whose sorter feeds the bridge (raw frames: a passthrough group)"),
+    "port": (PortNumber, 0, "TCP port Lavue connects to (0: any free port; the bridge's Address tells)"),
+    "max_rate_hz": (float, 10.0, "images published per second and topic at most"),
+    "topics": (list, [], "results to publish: RESULT, GROUP.RESULT or map.NAME; empty: every image-like result"),
 }
 WRITER = {
     "group": (Name, REQUIRED, "the worker group whose sorter feeds the writer"),
@@ -97,6 +105,7 @@ TOP = {
     "groups": (dict, REQUIRED, "worker groups by name: " + ", ".join(GROUP)),
     "sink": (dict, None, "the sink: " + ", ".join(SINK)),
     "writers": (dict, {}, "writers by name: " + ", ".join(WRITER)),
+    "lavue_bridges": (dict, {}, "Lavue bridges by name (devices NAME/lavue/BRIDGE): " + ", ".join(LAVUE_BRIDGE)),
 }
 
 
@@ -169,7 +178,7 @@ class DeviceSpec:
         """Properties as Tango stores them: lists of strings (JSON for structures)."""
         out = {}
         for key, value in self.properties.items():
-            if isinstance(value, dict | list) and key not in ("Groups",):
+            if isinstance(value, dict | list) and key not in ("Groups", "Topics"):
                 out[key] = [json.dumps(value)]
             elif isinstance(value, list):
                 out[key] = [str(v) for v in value]
@@ -226,6 +235,28 @@ class PipelineDefinition:
             except ValueError as exc:
                 raise DefinitionError(f"{path}: writers.{wname}.pattern: {exc}") from None
             self.writers[wname] = writer
+        self.lavue_bridges: dict[str, dict[str, Any]] = {}
+        for bname, bdata in top["lavue_bridges"].items():
+            if not _check_value(Name, bname):
+                raise DefinitionError(f"{path}: lavue_bridges.{bname}: bridge names are {_type_name(Name)}")
+            bridge = _apply(LAVUE_BRIDGE, bdata, path, f"lavue_bridges.{bname}.")
+            self._check_group(bridge["group"], f"lavue_bridges.{bname}.group")
+            if not 0 < bridge["max_rate_hz"] <= 1000:
+                raise DefinitionError(
+                    f"{path}: lavue_bridges.{bname}.max_rate_hz: expected a number > 0 and <= 1000, "
+                    f"got {bridge['max_rate_hz']!r}"
+                )
+            for topic in bridge["topics"]:
+                if not isinstance(topic, str) or not topic or "/" in topic or ":" in topic:
+                    raise DefinitionError(
+                        f"{path}: lavue_bridges.{bname}.topics: expected result names (RESULT or GROUP.RESULT, "
+                        f"no '/' or ':'), got {topic!r}"
+                    )
+            self.lavue_bridges[bname] = bridge
+        if self.sink is not None and not self.sink["image_event_rate_hz"] > 0:
+            raise DefinitionError(
+                f"{path}: sink.image_event_rate_hz: expected a number > 0, got {self.sink['image_event_rate_hz']!r}"
+            )
 
     def _check_group(self, group: str, key: str) -> None:
         if group not in self.groups:
@@ -264,6 +295,9 @@ class PipelineDefinition:
 
     def writer_name(self, writer: str) -> str:
         return f"{self.name}/writer/{writer}"
+
+    def lavue_bridge_name(self, bridge: str) -> str:
+        return f"{self.name}/lavue/{bridge}"
 
     def worker_spec(self, group: str, n: int) -> DeviceSpec:
         g = self.groups[group]
@@ -335,6 +369,8 @@ class PipelineDefinition:
                         "LavuePort": self.sink["lavue"]["port"],
                         "LavueMaxRateHz": self.sink["lavue"]["max_rate_hz"],
                         "QueryPort": self.sink["query_port"],
+                        "SpectrumResult": self.sink["spectrum_result"],
+                        "ImageEventRateHz": self.sink["image_event_rate_hz"],
                     },
                     "sink",
                 )
@@ -353,6 +389,22 @@ class PipelineDefinition:
                         "FlushPeriod": w["flush_s"],
                     },
                     "writer",
+                )
+            )
+        for bname, b in self.lavue_bridges.items():
+            specs.append(
+                DeviceSpec(
+                    self.lavue_bridge_name(bname),
+                    "LavueBridge",
+                    f"LavueBridge/{self.name}-{bname}",
+                    {
+                        "Upstream": self.sorter_name(b["group"]),
+                        "BindAddress": self.bind,
+                        "Port": b["port"],
+                        "MaxRateHz": b["max_rate_hz"],
+                        "Topics": b["topics"],
+                    },
+                    "lavue",
                 )
             )
         return specs
@@ -385,6 +437,7 @@ def schema_reference() -> str:
         ("sink", SINK),
         ("sink.lavue", LAVUE),
         ("writers.NAME", WRITER),
+        ("lavue_bridges.NAME", LAVUE_BRIDGE),
     ):
         lines.append(f"{title}:")
         for key, (kind, default, doc) in schema.items():

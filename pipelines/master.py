@@ -201,6 +201,7 @@ class MasterEngine(Engine):
         with self._cond:
             end = m.Message(m.SCAN_END, scan=self.scan_id, stream=self.stream, body={"frames": self.scan_frames})
             end.meta = {"frames": self.scan_frames, "dropped": self.scan_dropped, "expected": self.scan_expected}
+            end.meta.update(getattr(self.source, "scan_end_meta", dict)())  # e.g. positions of the scan points
             self._enqueue(end.stamp("master"), count=False)
             self._scan_open = False
             self._closing = False
@@ -358,10 +359,8 @@ class MasterEngine(Engine):
             if refused:
                 self._take_back(peer, refused, str(msg.body.get("reason", ""))[:200])
             for raw in done:
-                try:
-                    key = key_tuple(raw)
-                except m.BadMessage as exc:
-                    self.stats.bad.record(exc.reason, exc.detail)
+                key = self._credit_key(raw)
+                if key is None:
                     continue
                 item = peer.in_flight.pop(key, None)
                 if item is None:
@@ -377,15 +376,25 @@ class MasterEngine(Engine):
                     self._release_bytes(item)
             peer.credit += n
 
+    def _credit_key(self, raw: Any) -> tuple | None:
+        """A key acknowledged or refused by a worker, or None (counted) if it is not one."""
+        try:
+            key = key_tuple(raw)
+            hash(key)
+        except m.BadMessage as exc:
+            self.stats.bad.record(exc.reason, exc.detail)
+            return None
+        except TypeError:  # e.g. a list inside: not a key we ever sent
+            self.stats.bad.record("bad_credit", f"key {str(raw)[:60]} is not [scan, kind, index]")
+            return None
+        return key
+
     def _take_back(self, peer: Peer, keys: list, reason: str) -> None:
         """Frames a worker could not read from shared memory: send them again, to it over ZeroMQ."""
         items = []
         for raw in keys:
-            try:
-                item = peer.in_flight.pop(key_tuple(raw), None)
-            except m.BadMessage as exc:
-                self.stats.bad.record(exc.reason, exc.detail)
-                continue
+            key = self._credit_key(raw)
+            item = peer.in_flight.pop(key, None) if key is not None else None
             if item is not None:
                 item.in_flight -= 1
                 self._drop_slot(item, peer.identity)
@@ -394,7 +403,8 @@ class MasterEngine(Engine):
             self._pending[peer.group].appendleft(item)
         self.shm_refused += len(items)
         self.redispatched += len(items)
-        if self._shm_peers.pop(peer.identity, None) is not None:
+        # refusals of frames it no longer holds are late answers from before it was declared lost
+        if items and self._shm_peers.pop(peer.identity, None) is not None:
             why = f"worker {peer.name} cannot read frames from shared memory ({reason})"
             self.log.warning("%s; it gets them over ZeroMQ", why)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .facility import facility_db  # noqa: F401  (session fixture: C++ DataBaseds on MariaDB)
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -43,10 +45,10 @@ def demo_config(folder: Path, **changes) -> Path:
 
 
 class Deployed:
-    def __init__(self, folder: Path, config: Path | None = None):
+    def __init__(self, folder: Path, config: Path | None = None, env: dict | None = None):
         self.folder = folder
         self.state = folder / "state"
-        self.env = user_env(self.state)
+        self.env = env if env is not None else user_env(self.state)  # with TANGO_HOST: that database
         self.config = config or demo_config(folder)
         tangopipe("up", str(self.config), env=self.env, cwd=folder)
         self.session = json.loads((self.state / "session.json").read_text())

@@ -225,6 +225,34 @@ def test_frames_a_worker_cannot_read_from_shared_memory_come_again_over_zeromq(t
     assert worker.counters()["ShmFrames"] == 20
 
 
+def test_malformed_refusals_and_acknowledgements_are_counted_and_the_master_goes_on(tmp_path):
+    p = Pipeline(tmp_path)
+    fake = zmq.Context.instance().socket(zmq.DEALER)
+    fake.linger = 0
+    try:
+        fake.connect(p.master.endpoint)
+        shm_hello(fake, "fake", credit=1)
+        wait_for(lambda: "fake" in p.master.worker_names(), what="fake worker")
+        before = p.master.stats.bad.total
+        bodies = [
+            {"n": 0, "refused": "all"},
+            {"n": 0, "refused": [[[1], m.FRAME, 0]]},
+            {"n": 0, "refused": [[1, m.FRAME]]},
+            {"n": 0, "done": [[{"scan": 1}, m.FRAME, 0]]},
+        ]
+        for body in bodies:
+            send(fake, m.Message(m.CREDIT, body=body))
+        wait_for(lambda: p.master.stats.bad.total == before + len(bodies), what="bad credits counted")
+        assert p.master.running and p.master.counters()["ShmWorkers"] == 1
+        send(fake, m.control(m.BYE))
+        p.add_worker("w")
+        results = read_results(p.scan(10))
+    finally:
+        fake.close(0)
+        p.stop()
+    assert_every_frame_once_and_right(results, p.source, 10)
+
+
 def test_one_slot_serves_every_group_that_has_the_frame(tmp_path):
     p = Pipeline(tmp_path / "a", groups=("a", "b"), shm_slots=4)
     sorter_b, writer_b = SorterEngine(gap_timeout_s=5.0), WriterEngine(directory=str(tmp_path / "b"))

@@ -109,7 +109,8 @@ def test_malformed_messages_are_counted_never_raised():
     port = push.bind_to_random_port("tcp://127.0.0.1")
     source = FrameStreamSource(endpoint=f"tcp://127.0.0.1:{port}", timeout_s=5)
     good = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    try:
+
+    def send_all():  # PUSH waits for the source to connect (in frames())
         push.send_multipart([b"not json at all"])
         push.send_multipart([b'{"protocol": "tangopipe/1", "kind": "frame", "scan": "s", "index": 0}', b"xx"])
         send(push, m.Message(m.FRAME, scan="s", index=0))  # no data buffer
@@ -117,7 +118,12 @@ def test_malformed_messages_are_counted_never_raised():
         send(push, m.Message(m.RESULT, scan="s", index=2))  # not something a detector sends
         send(push, m.Message(m.FRAME, scan="s", index=3, arrays={"data": good}))
         send(push, m.Message(m.SCAN_END, scan="s", body={"frames": 4}))
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    try:
         got = collect(source)
+        sender.join(5)
     finally:
         source.close()
         push.close(0)

@@ -19,6 +19,11 @@ SOURCES: dict[str, str] = {
     "pipeline": "pipelines.sources.chain:PipelineStreamSource",
     "eiger": "pipelines.sources.eiger:EigerStreamSource",
     "stream": "pipelines.sources.stream:FrameStreamSource",
+    "simulator_xrd": "pipelines.sources.simulators:SimulatedDiffraction",
+    "simulator_mca": "pipelines.sources.simulators:SimulatedMCA",
+    "simulator_dpc": "pipelines.sources.simulators:SimulatedDPC",
+    "simulator_hits": "pipelines.sources.simulators:SimulatedHits",
+    "simulator_tomo": "pipelines.sources.simulators:SimulatedTomography",
 }
 
 

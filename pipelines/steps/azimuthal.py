@@ -43,6 +43,7 @@ import numpy as np
 
 from pipelines.geometry import (
     CHI_DEG_SCALE,
+    PoniError,
     PoniGeometry,
     chi_array,
     chi_delta_array,
@@ -86,6 +87,7 @@ class BinAxis:
 
 
 def make_axis(lower: float, upper_in: float, n: int) -> BinAxis:
+    """``n`` bins from ``lower`` to just above ``upper_in``, as pyFAI places them."""
     return BinAxis(float(lower), upper_bound(float(upper_in)), float(upper_in), int(n))
 
 
@@ -154,6 +156,10 @@ def radial_bins(
     return make_axis(max(0.0, lo), max(0.0, hi), npt)
 
 
+#: pi rounded to float32: pyFAI clips the azimuthal extent of a cake with this value.
+PI_FLOAT32 = float(np.float32(math.pi))
+
+
 def azimuth_bins(pixels: PixelTable, npt: int, chi_range: tuple[float, float] | None) -> BinAxis:
     """pyFAI's azimuthal bins for caking: over ``chi_range`` (radians) or the pixels' extent clipped to [-pi, pi]."""
     if chi_range is not None:
@@ -164,7 +170,7 @@ def azimuth_bins(pixels: PixelTable, npt: int, chi_range: tuple[float, float] | 
     else:
         d = pixels.chi_delta[pixels.keep]
         lo, hi = float((pos - d).min()), float((pos + d).max())
-    return make_axis(max(lo, -math.pi), min(hi, math.pi), npt)
+    return make_axis(max(lo, -PI_FLOAT32), min(hi, PI_FLOAT32), npt)
 
 
 # ---------------------------------------------------------------- numpy reference
@@ -640,7 +646,11 @@ def _native_frame(frame: np.ndarray) -> np.ndarray:
 
 
 class _Integrator:
-    """What the 1D and 2D steps share: parameters, geometry, the CSR matrix and the kernel call."""
+    """What the 1D and 2D steps share: parameters, geometry, the pixel -> bin matrix and the kernel call.
+
+    One instance integrates one frame at a time (it reuses scratch buffers); a
+    worker that runs frames in parallel threads gives each thread its own step.
+    """
 
     two_d = False
 
@@ -658,6 +668,7 @@ class _Integrator:
         pixel_splitting: str,
         dummy: float | None,
         shape: list | None,
+        prefix: str,
     ) -> None:
         if not isinstance(npt, int) or isinstance(npt, bool) or npt < 1:
             raise ValueError(f"npt = {npt!r} must be a positive integer (number of radial bins)")
@@ -673,6 +684,9 @@ class _Integrator:
             )
         if dummy is not None and not isinstance(dummy, int | float):
             raise ValueError(f"dummy = {dummy!r} must be None or a number")
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix = {prefix!r} must be a string")
+        self.prefix = prefix
         self.unit = radial_unit(unit)
         self.radial_range = _check_range("radial_range", radial_range)
         azimuth_range = _check_range("azimuth_range", azimuth_range)
@@ -699,7 +713,10 @@ class _Integrator:
         self.dummy = None if dummy is None else float(dummy)
         self.empty = 0.0 if dummy is None else float(dummy)
         self.poni_path = str(poni)
-        self.geometry = read_poni(poni)
+        try:
+            self.geometry = read_poni(poni)
+        except PoniError as exc:
+            raise ValueError(f"poni = {poni!r}: {exc}") from exc
         if self.geometry.wavelength is None and self.unit.space == "q":
             raise ValueError(f"unit = {unit!r} needs a wavelength, and the PONI file {poni} has none")
         self.static_mask = None
@@ -899,6 +916,7 @@ class AzimuthalIntegration(_Integrator):
         pixel_splitting: str = "none",
         dummy: float | None = None,
         shape: list | None = None,
+        prefix: str = "",
     ):
         """
         poni: PONI file (pyFAI-calib2) with the detector geometry.
@@ -911,17 +929,20 @@ class AzimuthalIntegration(_Integrator):
         polarization_factor: None for no correction, else -1..1 (pyFAI's; ~0.95-0.99 at synchrotrons).
         pixel_splitting: "none" or "bbox" (split each pixel's radial extent over the bins it covers).
         dummy: pixel value meaning "no data"; also the value of empty bins (else 0).
-        shape: [rows, columns] of the frames when the PONI file has no max_shape
-            (otherwise the tables are built on the first frame).
+        shape: [rows, columns] of the frames, when the PONI file has no max_shape
+            (without either, the tables are built on the first frame).
+        prefix: put before the result names ("saxs_" gives saxs_radial, saxs_intensity),
+            so that several integrations can run in one chain.
         """
         self._configure(
             poni, npt, 1, unit, radial_range, azimuth_range, mask, correct_solid_angle,
-            polarization_factor, pixel_splitting, dummy, shape,
+            polarization_factor, pixel_splitting, dummy, shape, prefix,
         )  # fmt: skip
 
     def __call__(self, frame: np.ndarray, meta: dict) -> dict[str, Any]:
         intensity = self._integrate(frame, meta, np.empty(self.npt, dtype=np.float32))
-        return {"radial": self.radial, "intensity": intensity}
+        p = self.prefix
+        return {f"{p}radial": self.radial, f"{p}intensity": intensity}
 
 
 class Caking(_Integrator):
@@ -944,14 +965,17 @@ class Caking(_Integrator):
         pixel_splitting: str = "none",
         dummy: float | None = None,
         shape: list | None = None,
+        prefix: str = "",
     ):
-        """Parameters as for ``azimuthal``, plus npt_azim: number of azimuthal bins over
-        azimuth_range (default: the pixels' extent within [-180, 180] degrees)."""
+        """Parameters as for ``azimuthal`` (results ``cake``, ``radial``, ``azimuthal``),
+        plus npt_azim: number of azimuthal bins over azimuth_range (default: the
+        pixels' extent within [-180, 180] degrees)."""
         self._configure(
             poni, npt, npt_azim, unit, radial_range, azimuth_range, mask, correct_solid_angle,
-            polarization_factor, pixel_splitting, dummy, shape,
+            polarization_factor, pixel_splitting, dummy, shape, prefix,
         )  # fmt: skip
 
     def __call__(self, frame: np.ndarray, meta: dict) -> dict[str, Any]:
         cake = self._integrate(frame, meta, np.empty((self.npt_azim, self.npt), dtype=np.float32))
-        return {"cake": cake, "radial": self.radial, "azimuthal": self.azimuthal}
+        p = self.prefix
+        return {f"{p}cake": cake, f"{p}radial": self.radial, f"{p}azimuthal": self.azimuthal}

@@ -1,0 +1,416 @@
+"""Data plane: frames/s and latency of real server processes against a raw pyzmq chain.
+
+Everything runs in one go on this machine:
+
+- baseline: the detector process (``python -m pipelines.sources.stream``) pushes
+  2048 x 2048 uint16 frames through a relay process to a consumer process, raw
+  pyzmq PUSH/PULL over tcp on 127.0.0.1, zero-copy; frames/s from the consumer's
+  first to last frame, and the latency at 50 Hz (detector stamp -> consumer).
+- tangopipe: the same detector process feeding a pipeline deployed like
+  ``tangopipe up`` does (embedded Tango database in a temporary state folder,
+  ``config/bench.yaml``): master (``stream`` source) -> workers -> sorter -> sink.
+  Frames/s from the sink's FramesIn, first to last result; latency at 50 Hz from
+  the sink's LatencyP50Ms/LatencyP99Ms (master acquisition -> sink).
+- scaling: ``benchmarks.steps:busy`` (40 ms of CPU per frame, 256 x 256 frames so
+  the data plane is negligible) with 2 workers, then 1 (the second one stopped).
+- pass-through: one worker running ``benchmarks.steps:first_pixel`` (one scalar
+  out), so only frames moving master -> worker are measured. When the pipeline
+  definition has a shared-memory switch (``use_shm``) it is measured both ways.
+
+    python -m benchmarks [--quick] dataplane
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG = (2048, 2048)
+SMALL = (256, 256)
+BUSY_MS = 40.0
+LATENCY_HZ = 50.0
+HWM = 4  # as the stream source's: frames wait in queues of known size, not in ZeroMQ
+PASS_STEP = "benchmarks.steps:first_pixel"
+
+
+# -- helpers -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _free_port() -> int:
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    try:
+        return sock.bind_to_random_port("tcp://127.0.0.1")
+    finally:
+        sock.close(0)
+
+
+class Detector:
+    """The stream detector as its own process, sending one series."""
+
+    def __init__(self, port: int, frames: int, shape: tuple[int, int], rate_hz: float = 0.0):
+        cmd = [sys.executable, "-m", "pipelines.sources.stream", "--port", str(port), "--frames", str(frames),
+               "--shape", str(shape[0]), str(shape[1]), "--rate-hz", str(rate_hz), "--timeout-s", "60"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "sending on" not in line:
+            self.stop()
+            raise RuntimeError(f"the detector process did not start: {line}{self.proc.stderr.read()}")
+        self.endpoint = line.split()[-1]
+
+    def finish(self, timeout: float = 30.0) -> None:
+        """Wait until the detector has sent everything and exited."""
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError("the detector process did not finish its series") from None
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"the detector process exited {self.proc.returncode}: {err.strip()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _rate(first: tuple[float, int], last: tuple[float, int]) -> float:
+    (t0, n0), (t1, n1) = first, last
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+# -- raw pyzmq chain (the baseline) --------------------------------------------------------
+def _relay(source: str, sink_port: int, count: int) -> None:
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.rcvhwm = push.sndhwm = HWM
+    pull.connect(source)
+    push.connect(f"tcp://127.0.0.1:{sink_port}")
+    for _ in range(count):
+        push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+    push.close(30_000)  # until delivered
+    pull.close(0)
+    ctx.term()
+
+
+def _consume(ports: mp.Queue, results: mp.Queue, count: int) -> None:
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.rcvhwm = HWM
+    ports.put(pull.bind_to_random_port("tcp://127.0.0.1"))
+    stamps, latencies = [], []
+    for _ in range(count):
+        parts = pull.recv_multipart(copy=False)
+        now = time.time()
+        stamps.append(time.perf_counter())
+        sent = json.loads(parts[0].bytes).get("times", {}).get("detector")
+        if sent:
+            latencies.append(now - sent)
+    results.put({"stamps": stamps, "latencies": latencies})
+    pull.close(0)
+    ctx.term()
+
+
+def raw_chain(frames: int, rate_hz: float = 0.0) -> dict[str, Any]:
+    """Detector -> relay -> consumer, three processes; frames/s and latency at the consumer."""
+    spawn = mp.get_context("spawn")
+    ports, results = spawn.Queue(), spawn.Queue()
+    count = frames + 1  # and the series end
+    detector = Detector(0, frames, BIG, rate_hz)
+    consumer = spawn.Process(target=_consume, args=(ports, results, count), daemon=True)
+    relay = None
+    try:
+        consumer.start()
+        port = ports.get(timeout=30)
+        relay = spawn.Process(target=_relay, args=(detector.endpoint, port, count), daemon=True)
+        relay.start()
+        result = results.get(timeout=120 + frames / 10)
+        detector.finish()
+    finally:
+        for proc in (relay, consumer):
+            if proc is not None:
+                proc.join(5)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(5)
+        detector.stop()
+    stamps = result["stamps"][:frames]
+    latencies = result["latencies"][:frames]
+    return {
+        "frames_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "p50_ms": _percentile(latencies, 50) * 1e3,
+        "p99_ms": _percentile(latencies, 99) * 1e3,
+    }
+
+
+# -- the pipeline --------------------------------------------------------------------------
+def _schema_switches() -> list[tuple[str, ...]]:
+    """Where the pipeline definition lets the shared-memory path be switched (may be none)."""
+    from pipelines import definition
+
+    switches = []
+    if "use_shm" in definition.MASTER:
+        switches.append(("master", "use_shm"))
+    if "use_shm" in definition.GROUP:
+        switches.append(("groups", "main", "use_shm"))
+    return switches
+
+
+def write_config(folder: Path, detector_port: int, workers: int, steps: list, use_shm: bool | None) -> Path:
+    data = yaml.safe_load((ROOT / "config" / "bench.yaml").read_text())
+    data["master"]["source"]["endpoint"] = f"tcp://127.0.0.1:{detector_port}"
+    data["groups"]["main"].update(workers=workers, steps=steps)
+    if use_shm is not None:
+        for path in _schema_switches():
+            node = data
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = use_shm
+    path = folder / f"bench-{workers}w-{'shm' if use_shm else 'plain'}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Deployment:
+    """A benchmark pipeline brought up and down with devices.deploy, in its own state folder."""
+
+    def __init__(self, folder: Path, config: Path, detector_port: int):
+        from devices import deploy
+        from pipelines.definition import load_definition
+
+        self.deploy = deploy
+        self.folder = folder
+        self.definition = load_definition(config)
+        self.detector_port = detector_port
+        self.state = folder / "state"
+        self.session = None
+        with self._env():
+            self.session = deploy.up(str(config), None, timeout=120)
+        self.host = self.session.tango_host
+
+    def _env(self) -> contextlib.AbstractContextManager:
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        return _environ(TANGOPIPE_STATE=str(self.state), PYTHONPATH=path)
+
+    def proxy(self, name: str):
+        return self.deploy.proxy(name, self.host, 10_000)
+
+    def counters(self, name: str) -> dict[str, Any]:
+        return json.loads(self.proxy(name).Counters)
+
+    def down(self) -> None:
+        if self.session is not None:
+            with self._env():
+                self.deploy.down(self.session)
+            self.session = None
+
+    def stop_worker(self, n: int) -> None:
+        """Stop worker ``n``'s server (as Astor would) and wait until the master let it go."""
+        spec = self.definition.worker_spec("main", n)
+        pid = self.session.servers[spec.server]
+        with contextlib.suppress(Exception):
+            self.proxy(f"dserver/{spec.server}").command_inout("Kill")
+        from devices.database import stop_process
+
+        deadline = time.monotonic() + 10
+        while self.deploy.pid_alive(pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        stop_process(pid)
+        master = self.proxy(self.definition.master_name)
+        want = self.definition.groups["main"]["workers"] - 1
+        while master.Workers > want and time.monotonic() < deadline + 10:
+            time.sleep(0.1)
+
+    def scan(self, frames: int, shape: tuple[int, int], rate_hz: float = 0.0, timeout: float = 300.0) -> dict:
+        """One scan from a new detector process; sink frames/s (first to last result) and counters."""
+        sink = self.proxy(self.definition.sink_name)
+        master = self.proxy(self.definition.master_name)
+        before = sink.FramesIn
+        detector = Detector(self.detector_port, frames, shape, rate_hz)
+        try:
+            master.StartScan(json.dumps({"frames": frames}))
+            first = last = None
+            deadline = time.monotonic() + timeout
+            seen = -1
+            while True:
+                count = sink.FramesIn - before
+                now = time.perf_counter()
+                if count != seen:  # the time a value was first seen is when it was counted (+-0.1 s cache)
+                    seen = count
+                    if first is None and count > 0:
+                        first = (now, count)
+                    last = (now, count)
+                if count >= frames:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"scan: the sink has {count} of {frames} results after {timeout:.0f} s")
+                time.sleep(0.01)
+            acquired = master.EndScan()
+            detector.finish()
+        finally:
+            detector.stop()
+        time.sleep(0.3)  # let the counters' 0.1 s cache refresh
+        return {
+            "frames_per_s": _rate(first, last),
+            "acquired": acquired,
+            "sink": self.counters(self.definition.sink_name),
+            "sorter": self.counters(self.definition.sorter_name("main")),
+            "master": self.counters(self.definition.master_name),
+        }
+
+    def reconfigure(self, steps: list) -> None:
+        for n in range(1, self.definition.groups["main"]["workers"] + 1):
+            with contextlib.suppress(Exception):  # a stopped worker
+                self.proxy(self.definition.worker_name("main", n)).Reconfigure(json.dumps(steps))
+
+
+def _shm_note(result: dict) -> str:
+    master = result["master"]
+    if "ShmFrames" not in master:
+        return "frames over tcp (this master has no shared-memory path)"
+    if master["ShmFrames"]:
+        return f"shared memory: {master['ShmFrames']} frames, {master.get('ShmFallbacks', 0)} over tcp"
+    return "frames over tcp (no frame took the shared-memory path)"
+
+
+def _check(result: dict, frames: int) -> str:
+    """What went wrong in a scan, if anything (lost frames, drops, gaps)."""
+    problems = []
+    if result["acquired"] != frames:
+        problems.append(f"acquired {result['acquired']}")
+    if result["sorter"].get("MissingFrames"):
+        problems.append(f"{result['sorter']['MissingFrames']} gaps")
+    if result["master"].get("DroppedFrames"):
+        problems.append(f"{result['master']['DroppedFrames']} dropped")
+    return ("; PROBLEM: " + ", ".join(problems)) if problems else ""
+
+
+def run(quick: bool = False) -> list[dict]:
+    n_raw = 60 if quick else 1000
+    n_pass = 60 if quick else 1000
+    n_busy2, n_busy1 = (16, 10) if quick else (200, 120)
+    n_latency = 25 if quick else 500
+    busy = [{"benchmarks.steps:busy": {"ms": BUSY_MS}}]
+    rows: list[dict] = []
+    switches = _schema_switches()
+
+    raw = [raw_chain(n_raw)]
+    raw_50 = raw_chain(n_latency, LATENCY_HZ)
+    passes: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="tangopipe-bench-") as tmp:
+        folder = Path(tmp)
+        port = _free_port()
+        plain = False if switches else None
+        dep = Deployment(folder / "a", write_config(_mkdir(folder / "a"), port, 2, busy, plain), port)
+        try:
+            dep.scan(4, SMALL)  # warm-up: connections, first allocations
+            two = dep.scan(n_busy2, SMALL)
+            dep.stop_worker(2)
+            one = dep.scan(n_busy1, SMALL)
+            dep.reconfigure([PASS_STEP])
+            dep.scan(5, BIG)
+            passes["plain" if switches else "default"] = dep.scan(n_pass, BIG)
+            latency = dep.scan(n_latency, BIG, LATENCY_HZ, timeout=n_latency / LATENCY_HZ + 60)
+        finally:
+            dep.down()
+        if switches:
+            dep = Deployment(folder / "b", write_config(_mkdir(folder / "b"), port, 1, [PASS_STEP], True), port)
+            try:
+                dep.scan(5, BIG)
+                passes["shm"] = dep.scan(n_pass, BIG)
+            finally:
+                dep.down()
+    if not quick:
+        raw.append(raw_chain(n_raw))
+    raw_rate = statistics.mean(r["frames_per_s"] for r in raw)
+    raw_note = "detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; " + (
+        f"{n_raw} frames, runs before/after: " + ", ".join(f"{r['frames_per_s']:.0f}" for r in raw)
+    )
+    rows.append(_row("raw pyzmq chain, 2048x2048 u16", raw_rate, "frames/s", note=raw_note))
+    for kind, result in passes.items():
+        label = {"plain": "plain tcp", "shm": "shared memory", "default": "default path"}[kind]
+        goal = ">= 1.5x raw" if kind == "shm" else ">= 0.8x raw"
+        note = (f"detector -> master -> 1 worker (first_pixel) -> sorter -> sink; {n_pass} frames; "
+                f"{_shm_note(result)}{_check(result, n_pass)}")
+        rows.append(_row(f"tangopipe pass-through, {label}", result["frames_per_s"], "frames/s", raw_rate, goal, note))
+    if not switches:
+        rows.append(_row("tangopipe pass-through, shared memory", None, "frames/s", note=(
+            "not measured separately: the pipeline definition has no use_shm switch yet "
+            "(the row above says which path the frames took)")))
+    ideal = 1000.0 / BUSY_MS
+    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 1 worker", one["frames_per_s"], "frames/s", ideal, "",
+                     f"256x256 frames, {n_busy1} frames; baseline: 1000/{BUSY_MS:g} ms{_check(one, n_busy1)}"))
+    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 2 workers", two["frames_per_s"], "frames/s", one["frames_per_s"],
+                     ">= 1.8x 1 worker", f"{n_busy2} frames; baseline: 1 worker{_check(two, n_busy2)}"))
+    sink = latency["sink"]
+    note = (f"{n_latency} frames at {LATENCY_HZ:g} Hz, 1 worker (first_pixel); master acquisition -> sink; "
+            f"baseline: detector -> consumer of the raw chain{_check(latency, n_latency)}")
+    rows.append(_row(f"latency p50 at {LATENCY_HZ:g} Hz", sink["LatencyP50Ms"], "ms", raw_50["p50_ms"], "", note))
+    rows.append(_row(f"latency p99 at {LATENCY_HZ:g} Hz", sink["LatencyP99Ms"], "ms", raw_50["p99_ms"], "",
+                     f"sorter p50/p99: {latency['sorter']['LatencyP50Ms']:.1f}/{latency['sorter']['LatencyP99Ms']:.1f} ms"))
+    return rows
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _row(name: str, value: float | None, unit: str, baseline: float | None = None, goal: str = "",
+         note: str = "") -> dict:
+    ratio = value / baseline if value is not None and baseline else None
+    return {
+        "benchmark": name,
+        "value": round(value, 2) if value is not None else "-",
+        "unit": unit,
+        "baseline": round(baseline, 2) if baseline is not None else "-",
+        "ratio": round(ratio, 2) if ratio is not None else "-",
+        "goal": goal,
+        "note": note,
+    }
+
+
+if __name__ == "__main__":
+    from benchmarks.__main__ import format_table
+
+    print(format_table(run(quick="--quick" in sys.argv)))
