@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 import zmq
 
@@ -83,16 +84,19 @@ class Detector:
             self.stop()
             raise RuntimeError(f"the detector process did not start: {line}{self.proc.stderr.read()}")
         self.endpoint = line.split()[-1]
+        self.cpu_s = float("nan")
 
     def finish(self, timeout: float = 30.0) -> None:
-        """Wait until the detector has sent everything and exited."""
+        """Wait until the detector has sent everything and exited; note its CPU time for the series."""
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
             raise RuntimeError("the detector process did not finish its series") from None
         if self.proc.returncode != 0:
             raise RuntimeError(f"the detector process exited {self.proc.returncode}: {err.strip()}")
+        if ", cpu " in out:
+            self.cpu_s = float(out.rsplit(", cpu ", 1)[1].split()[0])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -118,14 +122,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 # -- raw pyzmq chain (the baseline) --------------------------------------------------------
-def _relay(source: str, sink_port: int, count: int) -> None:
+def _relay(source: str, sink_port: int, count: int, results: mp.Queue) -> None:
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     pull.rcvhwm = push.sndhwm = HWM
     pull.connect(source)
     push.connect(f"tcp://127.0.0.1:{sink_port}")
-    for _ in range(count):
+    push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+    cpu = time.process_time()  # from the first frame on
+    for _ in range(count - 1):
         push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+    results.put(("relay", time.process_time() - cpu))
     push.close(30_000)  # until delivered
     pull.close(0)
     ctx.term()
@@ -137,14 +144,17 @@ def _consume(ports: mp.Queue, results: mp.Queue, count: int) -> None:
     pull.rcvhwm = HWM
     ports.put(pull.bind_to_random_port("tcp://127.0.0.1"))
     stamps, latencies = [], []
-    for _ in range(count):
+    cpu = 0.0
+    for i in range(count):
         parts = pull.recv_multipart(copy=False)
+        if i == 0:
+            cpu = time.process_time()
         now = time.time()
         stamps.append(time.perf_counter())
         sent = json.loads(parts[0].bytes).get("times", {}).get("detector")
         if sent:
             latencies.append(now - sent)
-    results.put({"stamps": stamps, "latencies": latencies})
+    results.put(("consumer", {"stamps": stamps, "latencies": latencies, "cpu_s": time.process_time() - cpu}))
     pull.close(0)
     ctx.term()
 
@@ -160,9 +170,9 @@ def raw_chain(frames: int, rate_hz: float = 0.0) -> dict[str, Any]:
     try:
         consumer.start()
         port = ports.get(timeout=30)
-        relay = spawn.Process(target=_relay, args=(detector.endpoint, port, count), daemon=True)
+        relay = spawn.Process(target=_relay, args=(detector.endpoint, port, count, results), daemon=True)
         relay.start()
-        result = results.get(timeout=120 + frames / 10)
+        got = dict(results.get(timeout=120 + frames / 10) for _ in range(2))
         detector.finish()
     finally:
         for proc in (relay, consumer):
@@ -172,12 +182,15 @@ def raw_chain(frames: int, rate_hz: float = 0.0) -> dict[str, Any]:
                     proc.terminate()
                     proc.join(5)
         detector.stop()
+    result = got["consumer"]
     stamps = result["stamps"][:frames]
     latencies = result["latencies"][:frames]
+    cpu = {"detector": detector.cpu_s, "relay": got["relay"], "consumer": result["cpu_s"]}
     return {
         "frames_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
         "p50_ms": _percentile(latencies, 50) * 1e3,
         "p99_ms": _percentile(latencies, 99) * 1e3,
+        "cpu_ms_per_frame": {k: v * 1e3 / frames for k, v in cpu.items()},
     }
 
 
@@ -266,7 +279,9 @@ class Deployment:
         sink = self.proxy(self.definition.sink_name)
         master = self.proxy(self.definition.master_name)
         before = sink.FramesIn
+        master_before = self.counters(self.definition.master_name)
         detector = Detector(self.detector_port, frames, shape, rate_hz)
+        cpu_before = self.cpu_seconds()
         try:
             master.StartScan(json.dumps({"frames": frames}))
             first = last = None
@@ -284,19 +299,36 @@ class Deployment:
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"scan: the sink has {count} of {frames} results after {timeout:.0f} s")
-                time.sleep(0.01)
+                time.sleep(0.025)
+            cpu = {k: v - cpu_before.get(k, 0.0) for k, v in self.cpu_seconds().items()}
             acquired = master.EndScan()
             detector.finish()
+            cpu["detector"] = detector.cpu_s
         finally:
             detector.stop()
         time.sleep(0.3)  # let the counters' 0.1 s cache refresh
+        master_after = self.counters(self.definition.master_name)
         return {
             "frames_per_s": _rate(first, last),
+            "cpu_ms_per_frame": {k: v * 1e3 / frames for k, v in cpu.items()},
             "acquired": acquired,
             "sink": self.counters(self.definition.sink_name),
             "sorter": self.counters(self.definition.sorter_name("main")),
-            "master": self.counters(self.definition.master_name),
+            "master": master_after,
+            "scan": {k: v - master_before.get(k, 0) for k, v in master_after.items() if isinstance(v, int)},
         }
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) of each running server so far, by device role."""
+        out = {}
+        for spec in self.definition.devices():
+            pid = self.session.servers.get(spec.server, 0)
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            out[spec.name.split("/", 1)[1]] = times.user + times.system
+        return out
 
     def reconfigure(self, steps: list) -> None:
         for n in range(1, self.definition.groups["main"]["workers"] + 1):
@@ -305,12 +337,18 @@ class Deployment:
 
 
 def _shm_note(result: dict) -> str:
-    master = result["master"]
-    if "ShmFrames" not in master:
+    scan = result["scan"]
+    if "ShmFrames" not in scan:
         return "frames over tcp (this master has no shared-memory path)"
-    if master["ShmFrames"]:
-        return f"shared memory: {master['ShmFrames']} frames, {master.get('ShmFallbacks', 0)} over tcp"
-    return "frames over tcp (no frame took the shared-memory path)"
+    if scan["ShmFrames"]:
+        return f"frames by shared memory: {scan['ShmFrames']}, over tcp: {scan.get('ShmFallbacks', 0)}"
+    return "frames over tcp (none took the shared-memory path)"
+
+
+def _cpu_note(result: dict) -> str:
+    cpu = {k: v for k, v in result["cpu_ms_per_frame"].items() if v == v}  # measured ones
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+    return f"CPU ms/frame: {parts} (sum {sum(cpu.values()):.1f})"
 
 
 def _check(result: dict, frames: int) -> str:
@@ -365,13 +403,14 @@ def run(quick: bool = False) -> list[dict]:
     raw_rate = statistics.mean(r["frames_per_s"] for r in raw)
     raw_note = "detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; " + (
         f"{n_raw} frames, runs before/after: " + ", ".join(f"{r['frames_per_s']:.0f}" for r in raw)
-    )
+    ) + "; " + _cpu_note(raw[0])
     rows.append(_row("raw pyzmq chain, 2048x2048 u16", raw_rate, "frames/s", note=raw_note))
     for kind, result in passes.items():
-        label = {"plain": "plain tcp", "shm": "shared memory", "default": "default path"}[kind]
-        goal = ">= 1.5x raw" if kind == "shm" else ">= 0.8x raw"
+        took_shm = result["scan"].get("ShmFrames", 0) > 0
+        label = {"plain": "plain tcp", "shm": "shared memory"}.get(kind, "shared memory" if took_shm else "tcp")
+        goal = ">= 1.5x raw" if took_shm else ">= 0.8x raw"
         note = (f"detector -> master -> 1 worker (first_pixel) -> sorter -> sink; {n_pass} frames; "
-                f"{_shm_note(result)}{_check(result, n_pass)}")
+                f"{_shm_note(result)}; {_cpu_note(result)}{_check(result, n_pass)}")
         rows.append(_row(f"tangopipe pass-through, {label}", result["frames_per_s"], "frames/s", raw_rate, goal, note))
     if not switches:
         rows.append(_row("tangopipe pass-through, shared memory", None, "frames/s", note=(
@@ -379,9 +418,10 @@ def run(quick: bool = False) -> list[dict]:
             "(the row above says which path the frames took)")))
     ideal = 1000.0 / BUSY_MS
     rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 1 worker", one["frames_per_s"], "frames/s", ideal, "",
-                     f"256x256 frames, {n_busy1} frames; baseline: 1000/{BUSY_MS:g} ms{_check(one, n_busy1)}"))
+                     f"256x256 frames, {n_busy1} frames; baseline: 1000/{BUSY_MS:g} ms; {_cpu_note(one)}"
+                     f"{_check(one, n_busy1)}"))
     rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 2 workers", two["frames_per_s"], "frames/s", one["frames_per_s"],
-                     ">= 1.8x 1 worker", f"{n_busy2} frames; baseline: 1 worker{_check(two, n_busy2)}"))
+                     ">= 1.8x 1 worker", f"{n_busy2} frames; baseline: 1 worker; {_cpu_note(two)}{_check(two, n_busy2)}"))
     sink = latency["sink"]
     note = (f"{n_latency} frames at {LATENCY_HZ:g} Hz, 1 worker (first_pixel); master acquisition -> sink; "
             f"baseline: detector -> consumer of the raw chain{_check(latency, n_latency)}")

@@ -22,6 +22,7 @@ from typing import Any
 import tango
 
 from pipelines.definition import DefinitionError, PipelineDefinition, load_definition, schema_reference
+from pipelines.sources import SOURCES, load_source
 
 from . import deploy
 from .database import DeploymentError
@@ -31,7 +32,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 #: modules adding more subcommands: each has ``add_commands(subparsers)``; their
 #: functions take the parsed arguments and return an exit code, raising
 #: DeploymentError or DefinitionError for the user's mistakes.
-COMMAND_MODULES: list[str] = ["devices.starter", "devices.dsconfig_json", "devices.sardana_cli"]
+COMMAND_MODULES: list[str] = ["devices.starter", "devices.dsconfig_json", "devices.sardana_cli", "devices.gui"]
 EXIT_CONFIG = 2
 
 
@@ -98,6 +99,36 @@ class Progress:
         else:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
+
+
+def source_scan_defaults(definition: PipelineDefinition) -> dict[str, Any]:
+    """StartScan metadata the pipeline's source suggests for a scan started without it: its
+    number of frames and, for a mapping source, ``scan_shape`` and ``snake`` (so the sink and
+    the files can assemble maps). Empty for sources that suggest nothing."""
+    module_name, _, cls_name = SOURCES[definition.source["kind"]].partition(":")
+    if not hasattr(getattr(importlib.import_module(module_name), cls_name), "scan_defaults"):
+        return {}
+    try:
+        return dict(load_source(definition.source).scan_defaults())
+    except (ValueError, TypeError, OSError) as exc:
+        raise DefinitionError(f"{definition.path}: master.source: {exc}") from None
+
+
+def scan_request(
+    definition: PipelineDefinition, frames: int | None, meta_json: str | None, fallback_frames: int
+) -> tuple[int, dict[str, Any]]:
+    """Frames and StartScan metadata of a scan: what the user gave, else what the source suggests."""
+    meta = source_scan_defaults(definition)
+    suggested = meta.pop("frames", fallback_frames)
+    if meta_json:
+        try:
+            given = json.loads(meta_json)
+        except json.JSONDecodeError as exc:
+            raise DeploymentError(f"--meta {meta_json!r} is not valid JSON: {exc}") from None
+        if not isinstance(given, dict):
+            raise DeploymentError(f"--meta {meta_json!r} must be a JSON object such as '{{\"sample\": \"Si\"}}'")
+        meta.update(given)
+    return (suggested if frames is None else frames), meta
 
 
 def run_scan(
@@ -169,8 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     session, definition = _session_and_definition(args.config)
-    meta = json.loads(args.meta) if args.meta else {}
-    result = run_scan(session, definition, args.frames, meta)
+    frames, meta = scan_request(definition, args.frames, args.meta, fallback_frames=100)
+    result = run_scan(session, definition, frames, meta)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -212,11 +243,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = args.config
     started = time.monotonic()
     print(f"tangopipe demo: pipeline {config}", file=sys.stderr)
+    frames, meta = scan_request(load_definition(config), args.frames, args.meta, fallback_frames=300)
     session = deploy.up(config, os.environ.get("TANGO_HOST"), timeout=args.timeout)
     try:
         definition = load_definition(config)
         print(format_status(collect_status(session, definition), session.tango_host), file=sys.stderr)
-        result = run_scan(session, definition, args.frames)
+        result = run_scan(session, definition, frames, meta)
         summary = summarise(session, definition, result)
     finally:
         deploy.down(session)
@@ -255,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pipeline definition (default: the one that is up)")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("scan", help="StartScan, N frames, EndScan, with progress")
-    p.add_argument("--frames", type=int, default=100, help="frames to acquire (default 100)")
-    p.add_argument("--meta", help="extra scan metadata, JSON")
+    p.add_argument("--frames", type=int, help="frames to acquire (default: the source's scan, else 100)")
+    p.add_argument("--meta", help="extra scan metadata, JSON (wins over the source's scan_shape and snake)")
     p.add_argument("--config", help="pipeline definition (default: the one that is up)")
     p.set_defaults(func=cmd_scan)
     p = sub.add_parser("scale", help="start or stop workers to reach N (also during a scan)")
@@ -269,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("demo", help="up + one scan + summary + down")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline definition (default config/demo.yaml)")
-    p.add_argument("--frames", type=int, default=300, help="frames in the scan (default 300)")
+    p.add_argument("--frames", type=int, help="frames in the scan (default: the source's scan, else 300)")
+    p.add_argument("--meta", help="extra scan metadata, JSON (wins over the source's scan_shape and snake)")
     p.add_argument("--summary", help="write the summary JSON to this file")
     p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for every device (default 90)")
     p.set_defaults(func=cmd_demo)

@@ -34,7 +34,8 @@ def to_dsconfig(definition: PipelineDefinition) -> dict[str, Any]:
     for spec in definition.devices():
         server, instance = spec.server.split("/", 1)
         devices = servers.setdefault(server, {}).setdefault(instance, {}).setdefault(spec.cls, {})
-        devices[spec.name] = {"properties": {k: v or [""] for k, v in spec.tango_properties().items()}}
+        # an empty list is no value at all in Tango (and dsconfig wants one item at least)
+        devices[spec.name] = {"properties": {k: v for k, v in spec.tango_properties().items() if v}}
     return {
         "_title": f"tangopipe pipeline {definition.name}",
         "_source": str(definition.path),
@@ -48,6 +49,13 @@ def _int(text: str) -> int:
     return int(text)
 
 
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false", "1", "0"):
+        raise ValueError("not true or false")
+    return lowered in ("true", "1")
+
+
 def _mib(text: str) -> int:
     value = int(text)
     if value % MIB:
@@ -57,12 +65,16 @@ def _mib(text: str) -> int:
 
 #: property -> (definition key, conversion) of each device class, beside the links
 #: (Upstream, Sorter, Group, Groups, Pipeline) and structured values handled in the code.
+#: The inverse of PipelineDefinition.devices(): a property added there goes here too
+#: (tests/test_dsconfig_json.py's round trip names any that is missing).
 MASTER_KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DataPort": ("port", _int),
     "MaxQueueFrames": ("queue_capacity", _int),
     "MaxQueueBytes": ("queue_mb", _mib),
     "OverflowPolicy": ("overflow_policy", str),
     "HeartbeatTimeout": ("heartbeat_timeout_s", float),
+    "UseSharedMemory": ("shared_memory", _bool),
+    "ShmSlots": ("shm_slots", _int),
 }
 SORTER_KEYS = {
     "ReorderWindow": ("window", _int),
@@ -75,6 +87,8 @@ WORKER_KEYS = {"Credit": ("credit", _int)}
 SINK_KEYS = {
     "MemoryLimit": ("memory_limit_mb", _mib),
     "QueryPort": ("query_port", _int),
+    "SpectrumResult": ("spectrum_result", str),
+    "ImageEventRateHz": ("image_event_rate_hz", float),
 }
 LAVUE_KEYS = {"LavuePort": ("port", _int), "LavueMaxRateHz": ("max_rate_hz", float)}
 WRITER_KEYS = {
@@ -82,7 +96,15 @@ WRITER_KEYS = {
     "FilePattern": ("pattern", str),
     "FlushPeriod": ("flush_s", float),
 }
-PIPELINE_CLASSES = ("PipelineMaster", "PipelineSorter", "PipelineWorker", "PipelineSink", "PipelineWriter")
+BRIDGE_KEYS = {"Port": ("port", _int), "MaxRateHz": ("max_rate_hz", float)}
+PIPELINE_CLASSES = (
+    "PipelineMaster",
+    "PipelineSorter",
+    "PipelineWorker",
+    "PipelineSink",
+    "PipelineWriter",
+    "LavueBridge",
+)
 
 
 class _Device:
@@ -130,9 +152,12 @@ class _Device:
             try:
                 out[key] = conversion(text)
             except ValueError as exc:
-                kind = {_int: "an integer", _mib: "bytes, a whole number of MiB", float: "a number"}.get(
-                    conversion, "a string"
-                )
+                kind = {
+                    _int: "an integer",
+                    _mib: "bytes, a whole number of MiB",
+                    float: "a number",
+                    _bool: "true or false",
+                }.get(conversion, "a string")
                 raise self.error(f"property {prop}: expected {kind}, got {text!r} ({exc})") from None
 
     def unused(self) -> list[str]:
@@ -326,6 +351,18 @@ def from_dsconfig(config: dict[str, Any], where: str = "<dsconfig>") -> tuple[di
         writers[wname] = writer_out
     if writers:
         data["writers"] = writers
+
+    bridges: dict[str, Any] = {}
+    for bridge in by_class["LavueBridge"]:
+        bname = owned(bridge, "lavue", "NAME/lavue/BRIDGE")
+        bridge_out: dict[str, Any] = {"group": upstream_group(bridge, sorters)}
+        bridge.convert(BRIDGE_KEYS, bridge_out)
+        if "Topics" in bridge.props:
+            bridge_out["topics"] = [t for t in bridge.strings("Topics") if t]
+        bridge.text("BindAddress", bind)
+        bridges[bname] = bridge_out
+    if bridges:
+        data["lavue_bridges"] = bridges
 
     for devices in by_class.values():
         for device in devices:

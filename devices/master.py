@@ -34,11 +34,19 @@ class PipelineMaster(PipelineDevice):
     HeartbeatTimeout = device_property(
         dtype=float, default_value=3.0, doc="seconds of silence after which a worker is lost and its frames re-sent"
     )
+    UseSharedMemory = device_property(
+        dtype=bool, default_value=True, doc="send frames to workers on this host through a shared-memory ring"
+    )
+    ShmSlots = device_property(
+        dtype=int, default_value=0, doc="frames the shared-memory ring holds (0: automatic, bounded by /dev/shm)"
+    )
 
     Workers = counter("Workers", "workers", "connected workers")
     Redispatched = counter("Redispatched", "frames", "frames sent again after their worker was lost")
     LostWorkers = counter("LostWorkers", "workers", "workers declared lost (missed heartbeats)")
     ScanFrames = counter("ScanFrames", "frames", "frames acquired in the current (or last) scan")
+    ShmFrames = counter("ShmFrames", "frames", "frames sent through the shared-memory ring")
+    ShmFallbacks = counter("ShmFallbacks", "frames", "frames sent over ZeroMQ because the ring was full")
 
     engine: MasterEngine
 
@@ -56,8 +64,18 @@ class PipelineMaster(PipelineDevice):
             queue_bytes=self.MaxQueueBytes,
             overflow_policy=self.OverflowPolicy,
             heartbeat_timeout_s=self.HeartbeatTimeout,
+            use_shm=self.UseSharedMemory,
+            shm_slots=self.ShmSlots,
         )
         return engine
+
+    def upstreams(self) -> list[tuple[str, str, str]]:
+        """A chained source names the upstream pipeline's sorter device."""
+        upstream = getattr(self.engine.source, "upstream", "") if self.engine else ""
+        return [("Source", upstream, "DataEndpoint")] if upstream else []
+
+    def connect_upstream(self, endpoints: list[str]) -> None:
+        self.engine.source.connect(endpoints[0])  # reconnects only when the endpoint changed
 
     def event_attributes(self) -> list[str]:
         return [*super().event_attributes(), "Workers", "Redispatched", "ScanFrames"]

@@ -39,6 +39,13 @@ class PipelineSink(PipelineDevice):
         dtype=str, default_value="", doc="1D result shown as LatestSpectrum (empty: the first 1D array result)"
     )
     QueryPort = device_property(dtype=int, default_value=0, doc="TCP port of the query port (0: any free port)")
+    ScanFileDirectory = device_property(
+        dtype=str, default_value="", doc="folder of the NeXus writer's scan files: evicted results are read there"
+    )
+    ScanFilePattern = device_property(
+        dtype=str, default_value="{pipeline}_scan{scan:05}.h5", doc="file name pattern of the NeXus writer"
+    )
+    Pipeline = device_property(dtype=str, default_value="tangopipe", doc="pipeline name used in file names")
     ScalarAttributes = device_property(
         dtype=(str,),
         default_value=[],
@@ -64,13 +71,18 @@ class PipelineSink(PipelineDevice):
         self.set_change_event("LatestImage", True, False)
         self.set_change_event("LatestScalars", True, False)
         self.set_change_event("LatestSpectrum", True, False)
-        return SinkEngine(
+        engine = SinkEngine(
             name=self.get_name(),
             memory_limit=self.MemoryLimit,
             publisher=self.publisher,
             bind=self.BindAddress,
             query_port=self.QueryPort,
         )
+        if self.ScanFileDirectory:
+            from pipelines.files import ScanFileIndex
+
+            engine.queries.files = ScanFileIndex(self.ScanFileDirectory, self.ScanFilePattern, self.Pipeline)
+        return engine
 
     def delete_device(self) -> None:
         super().delete_device()

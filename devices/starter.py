@@ -138,22 +138,65 @@ def stale_servers(db: tango.Database, definition: PipelineDefinition) -> list[st
     return stale
 
 
+def running_servers(db: tango.Database, servers: list[str]) -> list[str]:
+    """Those of ``servers`` that are exported and answer."""
+    running = []
+    for server in servers:
+        admin = f"dserver/{server}"
+        try:
+            if not db.get_device_info(admin).exported:
+                continue
+            proxy = tango.DeviceProxy(f"tango://{db.get_db_host()}:{db.get_db_port()}/{admin}")
+            proxy.set_timeout_millis(1500)
+            proxy.ping()
+        except tango.DevFailed:
+            continue
+        running.append(server)
+    return running
+
+
+def record_host(db: tango.Database, server: str, host: str) -> None:
+    """Make ``host``'s Starter list ``server`` before its first start.
+
+    A Starter asks the database for its host's servers (DbGetHostServersInfo), which
+    answers from the host where each server's devices last ran; a server that never
+    ran has none. Exporting and at once unexporting the server's admin device records
+    the host and leaves it as any stopped server (not exported), as Astor shows it.
+    """
+    admin = f"dserver/{server}"
+    info = tango.DbDevExportInfo()
+    info.name, info.ior, info.host, info.version, info.pid = admin, "nada", host, "0", 0
+    db.export_device(info)
+    db.unexport_device(admin)
+
+
 def deploy(
     definition: PipelineDefinition, db: tango.Database, host: str | None = None
 ) -> list[tuple[str, str, int]]:
-    """Register the pipeline and its Starter information; return (server, host, level) rows."""
+    """Register the pipeline and its Starter information; return (server, host, level) rows.
+
+    Refuses while a server of the pipeline runs: registering again would pull its
+    devices from under it.
+    """
     host = host or definition.host or short_hostname()
+    servers = pipeline_servers(definition)
+    running = running_servers(db, list(servers))
+    if running:
+        raise DeploymentError(
+            f"{', '.join(running)} running: stop the pipeline's servers (Astor, or 'tangopipe down') and deploy again"
+        )
     for server in stale_servers(db, definition):
         db.delete_server(server)
     register(db, definition)
     rows = []
-    for server, role in pipeline_servers(definition).items():
+    for server, role in servers.items():
         info = tango.DbServerInfo()
         info.name = server
         info.host = host
         info.mode = CONTROLLED
         info.level = STARTUP_LEVELS.get(role, LAST_LEVEL)
         db.put_server_info(info)
+        record_host(db, server, host)
         rows.append((server, host, info.level))
     return rows
 

@@ -22,6 +22,9 @@ class PipelineWorker(PipelineDevice):
         dtype=str, default_value="[]", doc='processing steps, JSON list: [{"roi_stats": {"bin": 4}}, ...]'
     )
     Credit = device_property(dtype=int, default_value=2, doc="frames this worker holds at most")
+    UseSharedMemory = device_property(
+        dtype=bool, default_value=True, doc="read frames from the master's shared-memory ring when on its host"
+    )
 
     ProcessingErrors = counter("ProcessingErrors", "frames", "frames whose processing failed (sent on as gaps)")
     ConfigVersion = counter("ConfigVersion", "", "version of the processing configuration in use")
@@ -30,7 +33,9 @@ class PipelineWorker(PipelineDevice):
 
     def create_engine(self) -> Engine:
         steps = parse_json_property("Steps", self.Steps, [])
-        return WorkerEngine(steps, name=self.get_name(), group=self.Group, credit=self.Credit)
+        return WorkerEngine(
+            steps, name=self.get_name(), group=self.Group, credit=self.Credit, use_shm=self.UseSharedMemory
+        )
 
     def upstreams(self) -> list[tuple[str, str, str]]:
         return [("Upstream", self.Upstream, "DataEndpoint"), ("Sorter", self.Sorter, "CollectEndpoint")]

@@ -430,7 +430,7 @@ class LavueBridgeEngine(ConsumerEngine):
                 or (not force and now - live.last_offer < interval)
             ):
                 continue
-            meta = dict(live.meta, scan=self.scan_meta.get("scan_id"), filled=live.assembler.filled)
+            meta = dict(live.meta, scan=self.current_scan, filled=live.assembler.filled)
             # the assembler keeps filling its array: Lavue gets a copy
             self.publisher.offer(topic, live.assembler.map.copy(), meta, name=live.name)
             live.dirty, live.last_offer = False, now

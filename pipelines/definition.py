@@ -58,6 +58,8 @@ MASTER = {
     "overflow_policy": (str, "block", "when the queue is full: block, drop_newest or drop_oldest"),
     "heartbeat_timeout_s": (float, 3.0, "a worker silent this long is lost; its frames go elsewhere"),
     "port": (PortNumber, 0, "data port of the master (0: any free port)"),
+    "shared_memory": (bool, True, "frames to workers on the master's host through a shared-memory ring"),
+    "shm_slots": (int, 0, "frames in the shared-memory ring (0: automatic)"),
 }
 SORTER = {
     "window": (Positive, 256, "reorder window: results buffered at most while waiting for a missing index"),
@@ -92,9 +94,20 @@ LAVUE_BRIDGE = {
 }
 WRITER = {
     "group": (Name, REQUIRED, "the worker group whose sorter feeds the writer"),
+    "kind": (str, "nexus", "nexus (HDF5, every result), tiff (images), graphs (PNG plots) or cube (binned)"),
     "directory": (str, "data", "folder of the scan files (relative to the working directory)"),
-    "pattern": (str, "{pipeline}_scan{scan:05}.h5", "file name; fields {pipeline}, {scan}, {stream}"),
+    "pattern": (str, "", "file name; fields {pipeline}, {scan}, {stream} (tiff: {name}, {index}; graphs: {name}); "
+                "empty: nexus {pipeline}_scan{scan:05}.h5, tiff {pipeline}_scan{scan:05}/{stream}_{name}_{index:05}.tif, "
+                "graphs {pipeline}_scan{scan:05}_{stream}_{name}.png, cube {pipeline}_scan{scan:05}_{stream}_cube.h5"),
     "flush_s": (float, 1.0, "flush the file at least this often, in seconds"),
+    "compression": (str, "none", "nexus: none, gzip or bslz4 (bitshuffle-LZ4; readers need hdf5plugin)"),
+    "save_raw": (bool, True, "nexus: write raw frames (a passthrough step's result 'image') as the detector's data"),
+    "swmr": (bool, True, "nexus: readers may open the file while it is written (HDF5 SWMR)"),
+    "results": (list, [], "tiff, graphs, cube: the results to write (empty: every image / profile / number)"),
+    "maps": (list, [], "graphs: scalar results plotted as maps over the scan grid (StartScan scan_shape)"),
+    "every": (int, 0, "graphs: also plot the profiles of every N-th frame (0: only the scan's mean and last)"),
+    "by": (str, "", "cube: the scan variable to bin by (a scalar result, a motor of positions, a metadata key)"),
+    "bins": (object, None, "cube: bin edges [e0, e1, ...] or {start, stop, count}"),
 }
 TOP = {
     "name": (Name, REQUIRED, "pipeline name: the Tango domain of its devices (NAME/master/1, ...)"),
@@ -228,12 +241,13 @@ class PipelineDefinition:
                 raise DefinitionError(f"{path}: writers.{wname}: writer names are {_type_name(Name)}")
             writer = _apply(WRITER, wdata, path, f"writers.{wname}.")
             self._check_group(writer["group"], f"writers.{wname}.group")
-            from .writers import check_pattern  # deferred: h5py is only needed to write
+            from .writers import SettingError, WriterSettings
 
             try:
-                check_pattern(writer["pattern"])
-            except ValueError as exc:
-                raise DefinitionError(f"{path}: writers.{wname}.pattern: {exc}") from None
+                settings = WriterSettings.from_mapping(writer, given=list(wdata or {}))
+            except SettingError as exc:
+                raise DefinitionError(f"{path}: writers.{wname}.{exc.key}: {exc.detail}") from None
+            writer.update(pattern=settings.pattern, bins=settings.bins)
             self.writers[wname] = writer
         self.lavue_bridges: dict[str, dict[str, Any]] = {}
         for bname, bdata in top["lavue_bridges"].items():
@@ -296,6 +310,14 @@ class PipelineDefinition:
     def writer_name(self, writer: str) -> str:
         return f"{self.name}/writer/{writer}"
 
+    def scan_file_properties(self, group: str) -> dict[str, Any]:
+        """Where the NeXus files of ``group`` are, for the sink to answer from them what it evicted."""
+        for w in self.writers.values():
+            if w["group"] == group and w["kind"] == "nexus":
+                return {"ScanFileDirectory": os.path.abspath(w["directory"]), "ScanFilePattern": w["pattern"],
+                        "Pipeline": self.name}
+        return {}
+
     def lavue_bridge_name(self, bridge: str) -> str:
         return f"{self.name}/lavue/{bridge}"
 
@@ -332,6 +354,8 @@ class PipelineDefinition:
                     "MaxQueueBytes": m["queue_mb"] << 20,
                     "OverflowPolicy": m["overflow_policy"],
                     "HeartbeatTimeout": m["heartbeat_timeout_s"],
+                    "UseSharedMemory": m["shared_memory"],
+                    "ShmSlots": m["shm_slots"],
                 },
                 "master",
             )
@@ -371,6 +395,7 @@ class PipelineDefinition:
                         "QueryPort": self.sink["query_port"],
                         "SpectrumResult": self.sink["spectrum_result"],
                         "ImageEventRateHz": self.sink["image_event_rate_hz"],
+                        **self.scan_file_properties(self.sink["group"]),
                     },
                     "sink",
                 )
@@ -387,6 +412,15 @@ class PipelineDefinition:
                         "FilePattern": w["pattern"],
                         "Pipeline": self.name,
                         "FlushPeriod": w["flush_s"],
+                        "Kind": w["kind"],
+                        "Compression": w["compression"],
+                        "SaveRaw": w["save_raw"],
+                        "Swmr": w["swmr"],
+                        "Results": ",".join(w["results"]),
+                        "Maps": ",".join(w["maps"]),
+                        "PlotEvery": w["every"],
+                        "CubeBy": w["by"],
+                        "CubeBins": w["bins"] or [],
                     },
                     "writer",
                 )

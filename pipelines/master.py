@@ -143,6 +143,25 @@ class MasterEngine(Engine):
         self._sock, self.endpoint = bind_socket(self.context, zmq.ROUTER, self.bind, self.port)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.set_health(Health.ON, f"Idle; waiting for StartScan; workers connect to {self.endpoint}")
+        if getattr(self.source, "drives_scans", False):
+            threading.Thread(target=self._follow_scans, name=f"{self.name}-follow", daemon=True).start()
+
+    def _follow_scans(self) -> None:
+        """For a source that has scans of its own (a chained pipeline): start and end
+        our scans with its scans, so no one has to send StartScan here."""
+        while not self._stop.is_set():
+            try:
+                meta = self.source.wait_scan(0.5)  # type: ignore[attr-defined]
+                if meta is None or self._stop.is_set():
+                    continue
+                self.start_scan(meta)
+                while self.acquiring and not self._stop.is_set():
+                    time.sleep(0.05)
+                if self._scan_open:
+                    self.end_scan()
+            except ScanError as exc:  # e.g. someone sent StartScan by hand: wait for it to end
+                self.log.warning("following the upstream scans: %s", exc)
+                self._stop.wait(1.0)
 
     def bind_now(self) -> str:
         """Start the loop and wait until the data endpoint is bound; return it."""
@@ -540,6 +559,9 @@ class MasterEngine(Engine):
 
     def teardown(self) -> None:
         self.source.stop()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class SinkStore:
         self.nbytes = 0
         self.evicted: list[tuple] = []
         self.evictions = 0
+        self.places: OrderedDict[Any, dict[str, Any]] = OrderedDict()
 
     def _touch(self, scan: int | str, stream: str) -> Dataset:
         key = (scan, stream)
@@ -66,6 +67,11 @@ class SinkStore:
 
     def start_scan(self, msg: m.Message) -> None:
         self._touch(msg.scan, msg.stream).meta = dict(msg.meta)
+        # where the scan's files are, remembered beyond eviction (for answers from files)
+        self.places[msg.scan] = {k: msg.meta[k] for k in ("scan_dir", "scan_file") if k in msg.meta}
+        self.places.move_to_end(msg.scan)
+        while len(self.places) > 10_000:
+            self.places.popitem(last=False)
 
     def add(self, msg: m.Message) -> None:
         """Store a result (or a gap) and evict old datasets if over the limit."""
@@ -116,11 +122,16 @@ def scan_grid(meta: dict[str, Any]) -> tuple[tuple[int, int], bool]:
     return (shape[0], shape[1]), bool(meta.get("snake", False))
 
 
+class ScanFiles(Protocol):
+    def read(self, scan: Any, stream: str, index: int, meta: dict[str, Any] | None = None) -> m.Message: ...
+
+
 class StoreQueries:
     """What one can ask a sink store: the same answers for Tango commands and the query port."""
 
-    def __init__(self, store: SinkStore):
+    def __init__(self, store: SinkStore, files: ScanFiles | None = None):
         self.store = store
+        self.files = files  # answers for what is not in memory (pipelines.files.ScanFileIndex)
 
     def dataset(self, scan: Any, stream: str) -> Dataset:
         ds = self.store.datasets.get((scan, stream))
@@ -131,6 +142,12 @@ class StoreQueries:
         return ds
 
     def get(self, scan: Any, stream: str, index: int) -> m.Message:
+        """One result from memory, or from the scan's file when its dataset was evicted."""
+        if self.files is not None and (scan, stream) not in self.store.datasets:
+            try:
+                return self.files.read(scan, stream, index, self.store.places.get(scan))
+            except KeyError as exc:
+                raise KeyError(f"no dataset for scan {scan!r} stream {stream!r} in memory; {exc.args[0]}") from None
         ds = self.dataset(scan, stream)
         msg = ds.records.get(index)
         if msg is None:

@@ -357,3 +357,42 @@ def test_branching_each_frame_reaches_one_worker_of_every_group(tmp_path):
     finally:
         for engine in engines:
             engine.stop()
+
+
+def only_odd(frame, meta):
+    """A step with a derived stream that only odd frames have (like hits)."""
+    return {"hits/frame": frame} if meta["index"] % 2 else {}
+
+
+def test_chaining_a_derived_stream_feeds_a_second_pipeline_that_follows_its_scans(tmp_path):
+    from pipelines.sources.chain import PipelineStreamSource
+
+    first = Pipeline(tmp_path / "first", workers=1)
+    first.add_worker("odd", steps=["tests.test_flow:only_odd"])
+    first.workers[0].stop()  # keep only the worker that emits the derived stream
+    chained = PipelineStreamSource(endpoint=first.sorter.endpoint, result="hits/frame")
+    wait_for(lambda: len(first.sorter.consumers) == 3, what="chained source connected")
+    second_master = MasterEngine(chained, name="second")
+    second_master.bind_now()
+    sorter2 = SorterEngine(name="sorter2")
+    sorter2.bind_now()
+    worker2 = WorkerEngine(STEPS, name="w2")
+    worker2.start()
+    worker2.connect(second_master.endpoint, sorter2.collect_endpoint)
+    writer2 = WriterEngine(name="writer2", directory=str(tmp_path / "second"))
+    writer2.start()
+    writer2.connect(sorter2.endpoint)
+    try:
+        first.scan(20, {"scan_id": 4})
+        wait_for(lambda: writer2.scans_done == 1, what="the chained scan written")
+        step = load_step(STEPS[0])
+        with h5py.File(writer2.last_file) as f:
+            sums = f["entry/main/corner_sum"][:]
+            assert f["entry/scan/upstream_scan"][()] == 4
+        assert len(sums) == 10  # the 10 odd frames
+        assert sums[3] == step(first.source.frame(7), {})["corner_sum"]
+        assert chained.skipped == 10
+    finally:
+        for engine in (second_master, sorter2, worker2, writer2):
+            engine.stop()
+        first.stop()

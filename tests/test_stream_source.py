@@ -87,7 +87,7 @@ def test_stop_makes_frames_return_and_what_is_left_of_the_series_is_skipped(dete
     sender, ids = send_in_thread(detector, 40, 3)
     got = []
     stopped_at = None
-    for array, meta in source.frames({}):
+    for _array, meta in source.frames({}):
         got.append(meta["frame_number"])
         if len(got) == 5:
             threading.Timer(0.05, source.stop).start()
@@ -227,3 +227,8 @@ def test_the_master_takes_a_scan_from_the_detector_and_results_arrive_in_order(d
     latest = sink.latest()
     assert latest.index == 29
     assert latest.scalars["total_sum"] == float(reference.frame(29).sum(dtype=np.float64))
+
+
+def test_a_series_waits_for_a_receiver_and_says_so_when_none_comes(detector):
+    with pytest.raises(TimeoutError, match=f"no receiver connected to {detector.endpoint} within 0.2 s"):
+        detector.send_series(3, timeout_s=0.2)

@@ -72,7 +72,8 @@ class PipelineStreamSource:
             self.connect(endpoint)
 
     def connect(self, endpoint: str) -> None:
-        """Take the stream from this sorter endpoint (found by the master device from ``upstream``)."""
+        """Take the stream from this sorter endpoint (found by the master device from
+        ``upstream``); calling it again with the same endpoint changes nothing."""
         self._reader.start()
         self._reader.connect(endpoint)
 

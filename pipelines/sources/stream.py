@@ -23,6 +23,7 @@ frames; it runs as its own process for benchmarks and demos::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
@@ -35,10 +36,11 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import message as m
 from ..stats import BadMessageLog
-from ..transport import bind_socket, send
+from ..transport import advertised_host, send
 from . import SourceError
 from .simulator import SimulatedDetector
 
@@ -200,21 +202,54 @@ class StreamDetector:
         self.simulator = SimulatedDetector(shape=list(shape), dtype=dtype, rate_hz=0, frames=0, seed=seed)
         self.rate_hz = float(rate_hz)
         self._context = zmq.Context()
-        self._sock, self.endpoint = bind_socket(self._context, zmq.PUSH, bind, port)
+        self._sock = self._context.socket(zmq.PUSH)
         self._sock.sndhwm = STREAM_HWM
+        # watch connections from before the bind, so no receiver is missed
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.receivers = 0
+        try:
+            address = "*" if bind in ("", "0.0.0.0") else bind
+            if port:
+                self._sock.bind(f"tcp://{address}:{port}")
+            else:
+                port = self._sock.bind_to_random_port(f"tcp://{address}")
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"detector cannot bind tcp://{bind}:{port}: {exc}; choose another port (0: any)") from exc
+        self.endpoint = f"tcp://{advertised_host(bind)}:{port}"
         self._run = uuid.uuid4().hex[:8]
         self._series = 0
         self._stop = threading.Event()
 
+    def _count_receivers(self, wait_ms: int) -> None:
+        while self._monitor.poll(wait_ms):
+            event = recv_monitor_message(self._monitor)["event"]
+            self.receivers += 1 if event == zmq.EVENT_ACCEPTED else -1
+            wait_ms = 0
+
+    def wait_for_receiver(self, timeout_s: float | None = None) -> None:
+        """Wait until a receiver is connected (TimeoutError after ``timeout_s``; None: for ever)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._count_receivers(0)
+        while self.receivers <= 0:
+            if self._stop.is_set():
+                raise DetectorStopped("stopped while waiting for a receiver")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"no receiver connected to {self.endpoint} within {timeout_s:g} s")
+            self._count_receivers(_POLL_MS)
+
     def send_series(self, n: int, timeout_s: float | None = None) -> str:
         """Send ``n`` frames and the series end; return the series id.
 
-        A send waits at most ``timeout_s`` for the receiver (None: for ever);
-        raises TimeoutError, or :class:`DetectorStopped` after :meth:`stop`.
+        The series starts once a receiver is connected (its clock too, when
+        paced). Waiting, for the receiver or for a send, lasts at most
+        ``timeout_s`` (None: for ever); raises TimeoutError, or
+        :class:`DetectorStopped` after :meth:`stop`.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"frames per series must be an integer >= 0, got {n!r}")
         self._stop.clear()
+        self.wait_for_receiver(timeout_s)
         self._series += 1
         series = f"{self._run}-{self._series}"
         period = 1.0 / self.rate_hz if self.rate_hz > 0 else 0.0
@@ -251,6 +286,9 @@ class StreamDetector:
 
     def close(self, linger_s: float = 0.0) -> None:
         """Close the socket, waiting at most ``linger_s`` for queued messages to leave."""
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(0)
         self._sock.close(int(linger_s * 1000))
         self._context.term()
 
@@ -278,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         for _ in range(args.series):
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             series = detector.send_series(args.frames, args.timeout_s)
-            took = time.perf_counter() - started
-            print(f"series {series}: {args.frames} frames in {took:.2f} s", flush=True)
+            took, cpu = time.perf_counter() - started, time.process_time() - cpu
+            print(f"series {series}: {args.frames} frames in {took:.3f} s, cpu {cpu:.3f} s", flush=True)
     except (TimeoutError, DetectorStopped) as exc:
         print(f"stream detector: {exc}", file=sys.stderr)
         code = 1

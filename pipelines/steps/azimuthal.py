@@ -10,15 +10,17 @@ over the bins it covers in proportion to the overlap, exactly as pyFAI's CSR
     I[bin] = sum_j w_j * frame_j / sum_j w_j * solid_angle_j * polarisation_j
 
 The denominator does not depend on the frame, so it is summed once when the step is
-configured; each frame costs one pass over the matrix's indices (a numba kernel,
-parallel over blocks of bins) that reads the frame in its own dtype, without
-converting it. The rows are compressed by blocks of consecutive bins (one or two
-blocks per thread) whose entries are kept in pixel order, so each block walks the
-frame forwards once rather than once per bin (``PixelBinMatrix.to_csr`` gives the
-plain per-bin CSR). Pixels that are NaN, equal to ``dummy``, or flagged in
-``meta["pixel_mask"]`` (nonzero = bad, per frame) are left out of both sums of their
-bin; pixels of the ``mask`` file are left out of the matrix. Bins with no valid
-pixel hold ``dummy`` (0 when no dummy is given), as in pyFAI.
+configured; each frame costs one pass over the matrix (a numba kernel, parallel over
+blocks of bins) that reads the frame in its own dtype, without converting it. The
+rows are compressed by blocks of consecutive bins (two blocks per thread) whose
+entries are kept in pixel order, so each block walks the frame forwards once rather
+than once per bin; without splitting, a block's pixels are stored as runs of
+consecutive pixels and read as contiguous slices (``PixelBinMatrix.to_csr`` gives
+the plain per-bin CSR). Integer frames without splitting are summed exactly in
+int64. Pixels that are NaN, equal to ``dummy``, or flagged in ``meta["pixel_mask"]``
+(nonzero = bad, per frame) are left out of both sums of their bin; pixels of the
+``mask`` file are left out of the matrix. Bins with no valid pixel hold ``dummy``
+(0 when no dummy is given), as in pyFAI.
 
 Bins are placed as pyFAI places them: ``npt`` equal bins from the smallest to just
 above the largest pixel position (pixel centres, or bounding-box edges when
@@ -256,18 +258,16 @@ def integrate_reference(
     return result
 
 
-# ---------------------------------------------------------------- building the CSR matrix
+# ---------------------------------------------------------------- building the pixel -> bin matrix
 
 
 @numba.njit(cache=True, inline="always")
 def _clip_span(f_lo, f_hi, n):
     """pyFAI's first/last bin of a box [f_lo, f_hi] in bin units (C truncation, then clipping);
-    last < first when the box misses all bins."""
-    b_lo = int(f_lo)
-    b_hi = int(f_hi)
-    if b_hi < 0 or b_lo >= n:
+    last < first when the box misses all bins (tested on the floats first: no overflowing casts)."""
+    if not (f_hi > -1.0 and f_lo < n):  # i.e. trunc(f_hi) < 0 or trunc(f_lo) >= n, or NaN
         return 1, 0
-    return max(b_lo, 0), min(b_hi, n - 1)
+    return max(int(f_lo), 0), min(int(f_hi), n - 1)
 
 
 @numba.njit(cache=True, inline="always")
