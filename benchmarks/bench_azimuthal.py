@@ -4,9 +4,10 @@ A 2048 x 2048 uint16 frame with powder rings (``config/geometry/demo.poni``) is
 integrated to 1000 bins in 2theta, without pixel splitting and with bounding-box
 splitting, by the ``azimuthal`` step and by pyFAI's ``integrate1d``; likewise caked
 to 1000 x 360 bins by ``azimuthal2d`` and ``integrate2d``. For pyFAI every Cython
-method that matches the splitting (histogram, CSR, CSC, LUT) is timed and the
+method that matches the splitting (histogram, CSR, CSC; LUT too in 1D) is timed and the
 fastest is the reference. Both use all the process's cores: numba's threads and
-pyFAI's OpenMP threads (``OMP_NUM_THREADS`` unset means all cores). Calls alternate
+pyFAI's OpenMP threads (``OMP_NUM_THREADS`` unset means all cores; set it and
+``NUMBA_NUM_THREADS`` to 1 to compare one core each). Blocks of calls alternate
 between the two so that load from elsewhere hits both alike; times are medians,
 after a first call that builds pyFAI's tables and loads (or compiles) our kernel
 (``first_call_ms``; ``from_cache`` says whether numba's disk cache served it).
@@ -49,14 +50,20 @@ def _frame(ai) -> np.ndarray:
     return rng.poisson(50 + 2000 * rings * texture).astype(np.uint16)
 
 
-def _alternating(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time (ms) of each call, measured in alternation."""
+def _alternating(calls: dict[str, Callable[[], object]], repeats: int, block: int = 4) -> dict[str, float]:
+    """Median time (ms) of each call over ``repeats`` timings, taken in alternating blocks.
+
+    Each block starts with an untimed call: pyFAI's and numba's OpenMP runtimes are
+    separate, and threads of the one that ran last keep spinning for a moment.
+    """
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+    for _ in range(-(-repeats // block)):
         for name, call in calls.items():
-            start = time.perf_counter()
             call()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(block):
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

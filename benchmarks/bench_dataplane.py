@@ -274,6 +274,20 @@ class Deployment:
         while master.Workers > want and time.monotonic() < deadline + 10:
             time.sleep(0.1)
 
+    def start_worker(self, n: int) -> None:
+        """Start worker ``n``'s server again and wait until the master counts it."""
+        spec = self.definition.worker_spec("main", n)
+        loopback = self.definition.bind.startswith("127.")
+        with self._env():
+            self.session.servers[spec.server] = self.deploy.start_server(spec.server, self.host, loopback)
+        master = self.proxy(self.definition.master_name)
+        want = self.definition.groups["main"]["workers"]
+        deadline = time.monotonic() + 60
+        while master.Workers < want:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {n} did not connect to the master again within 60 s")
+            time.sleep(0.1)
+
     def scan(self, frames: int, shape: tuple[int, int], rate_hz: float = 0.0, timeout: float = 300.0) -> dict:
         """One scan from a new detector process; sink frames/s (first to last result) and counters."""
         sink = self.proxy(self.definition.sink_name)
@@ -363,18 +377,36 @@ def _check(result: dict, frames: int) -> str:
     return ("; PROBLEM: " + ", ".join(problems)) if problems else ""
 
 
+def _median(results: list[dict], key: str = "frames_per_s") -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def _runs(results: list[dict]) -> str:
+    return "runs " + ", ".join(f"{r['frames_per_s']:.0f}" for r in results)
+
+
+def _paired_ratio(results: list[dict], baselines: list[dict]) -> float:
+    """Median over rounds of result / baseline measured next to it (robust to a drifting machine load)."""
+    return statistics.median(r["frames_per_s"] / b["frames_per_s"] for r, b in zip(results, baselines, strict=True))
+
+
+def _cpu_sum(result: dict) -> float:
+    return sum(v for v in result["cpu_ms_per_frame"].values() if v == v)
+
+
 def run(quick: bool = False) -> list[dict]:
-    n_raw = 60 if quick else 1000
-    n_pass = 60 if quick else 1000
-    n_busy2, n_busy1 = (16, 10) if quick else (200, 120)
+    rounds = 1 if quick else 3
+    n_big = 60 if quick else 400
+    n_busy2, n_busy1 = (16, 10) if quick else (100, 60)
     n_latency = 25 if quick else 500
     busy = [{"benchmarks.steps:busy": {"ms": BUSY_MS}}]
-    rows: list[dict] = []
     switches = _schema_switches()
+    raw: list[dict] = []
+    passes: dict[str, list[dict]] = {}
+    one: list[dict] = []
+    two: list[dict] = []
 
-    raw = [raw_chain(n_raw)]
     raw_50 = raw_chain(n_latency, LATENCY_HZ)
-    passes: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tangopipe-bench-") as tmp:
         folder = Path(tmp)
         port = _free_port()
@@ -382,12 +414,18 @@ def run(quick: bool = False) -> list[dict]:
         dep = Deployment(folder / "a", write_config(_mkdir(folder / "a"), port, 2, busy, plain), port)
         try:
             dep.scan(4, SMALL)  # warm-up: connections, first allocations
-            two = dep.scan(n_busy2, SMALL)
-            dep.stop_worker(2)
-            one = dep.scan(n_busy1, SMALL)
+            for r in range(rounds):  # 2 and 1 workers in turn, so both see the same machine
+                if r:
+                    dep.start_worker(2)
+                two.append(dep.scan(n_busy2, SMALL))
+                dep.stop_worker(2)
+                one.append(dep.scan(n_busy1, SMALL))
             dep.reconfigure([PASS_STEP])
             dep.scan(5, BIG)
-            passes["plain" if switches else "default"] = dep.scan(n_pass, BIG)
+            kind = "plain" if switches else "default"
+            for _ in range(rounds):  # the raw chain and the pipeline in turn (the pipeline idles meanwhile)
+                raw.append(raw_chain(n_big))
+                passes.setdefault(kind, []).append(dep.scan(n_big, BIG))
             latency = dep.scan(n_latency, BIG, LATENCY_HZ, timeout=n_latency / LATENCY_HZ + 60)
         finally:
             dep.down()
@@ -395,39 +433,45 @@ def run(quick: bool = False) -> list[dict]:
             dep = Deployment(folder / "b", write_config(_mkdir(folder / "b"), port, 1, [PASS_STEP], True), port)
             try:
                 dep.scan(5, BIG)
-                passes["shm"] = dep.scan(n_pass, BIG)
+                for _ in range(rounds):
+                    passes.setdefault("shm", []).append(dep.scan(n_big, BIG))
             finally:
                 dep.down()
-    if not quick:
-        raw.append(raw_chain(n_raw))
-    raw_rate = statistics.mean(r["frames_per_s"] for r in raw)
-    raw_note = "detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; " + (
-        f"{n_raw} frames, runs before/after: " + ", ".join(f"{r['frames_per_s']:.0f}" for r in raw)
-    ) + "; " + _cpu_note(raw[0])
-    rows.append(_row("raw pyzmq chain, 2048x2048 u16", raw_rate, "frames/s", note=raw_note))
-    for kind, result in passes.items():
-        took_shm = result["scan"].get("ShmFrames", 0) > 0
+
+    rows: list[dict] = []
+    raw_rate = _median(raw)
+    rows.append(_row("raw pyzmq chain, 2048x2048 u16", raw_rate, "frames/s", note=(
+        f"detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; {n_big} frames; {_runs(raw)}")))
+    for kind, results in passes.items():
+        took_shm = results[-1]["scan"].get("ShmFrames", 0) > 0
         label = {"plain": "plain tcp", "shm": "shared memory"}.get(kind, "shared memory" if took_shm else "tcp")
-        goal = ">= 1.5x raw" if took_shm else ">= 0.8x raw"
-        note = (f"detector -> master -> 1 worker (first_pixel) -> sorter -> sink; {n_pass} frames; "
-                f"{_shm_note(result)}; {_cpu_note(result)}{_check(result, n_pass)}")
-        rows.append(_row(f"tangopipe pass-through, {label}", result["frames_per_s"], "frames/s", raw_rate, goal, note))
+        note = (f"detector -> master -> 1 worker (first_pixel) -> sorter -> sink; {n_big} frames; {_runs(results)}; "
+                f"ratio: median of per-round ratios; {_shm_note(results[-1])}{_check(results[-1], n_big)}")
+        ratio = _paired_ratio(results, raw) if kind != "shm" else None
+        rows.append(_row(f"tangopipe pass-through, {label}", _median(results), "frames/s", raw_rate,
+                         ">= 1.5x raw" if took_shm else ">= 0.8x raw", note, ratio))
     if not switches:
-        rows.append(_row("tangopipe pass-through, shared memory", None, "frames/s", note=(
-            "not measured separately: the pipeline definition has no use_shm switch yet "
-            "(the row above says which path the frames took)")))
+        rows.append(_row("tangopipe pass-through, other path", None, "frames/s", note=(
+            "not measured: the pipeline definition has no use_shm switch (the row above says which path was taken)")))
+    raw_cpu = statistics.median(_cpu_sum(r) for r in raw)
+    pass_results = next(iter(passes.values()))
+    rows.append(_row("CPU per frame, raw chain", raw_cpu, "ms", note=_cpu_note(raw[-1])))
+    rows.append(_row("CPU per frame, pass-through", statistics.median(_cpu_sum(r) for r in pass_results), "ms", raw_cpu,
+                     "", f"all processes, user + system; {_cpu_note(pass_results[-1])}"))
     ideal = 1000.0 / BUSY_MS
-    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 1 worker", one["frames_per_s"], "frames/s", ideal, "",
-                     f"256x256 frames, {n_busy1} frames; baseline: 1000/{BUSY_MS:g} ms; {_cpu_note(one)}"
-                     f"{_check(one, n_busy1)}"))
-    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 2 workers", two["frames_per_s"], "frames/s", one["frames_per_s"],
-                     ">= 1.8x 1 worker", f"{n_busy2} frames; baseline: 1 worker; {_cpu_note(two)}{_check(two, n_busy2)}"))
+    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 1 worker", _median(one), "frames/s", ideal, "", (
+        f"256x256 frames, {n_busy1} frames; {_runs(one)}; baseline: 1000/{BUSY_MS:g} ms; "
+        f"{_cpu_note(one[-1])}{_check(one[-1], n_busy1)}")))
+    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 2 workers", _median(two), "frames/s", _median(one),
+                     ">= 1.8x 1 worker", (
+                         f"{n_busy2} frames; {_runs(two)}; baseline: 1 worker; ratio: median of per-round ratios; "
+                         f"{_cpu_note(two[-1])}{_check(two[-1], n_busy2)}"), _paired_ratio(two, one)))
     sink = latency["sink"]
     note = (f"{n_latency} frames at {LATENCY_HZ:g} Hz, 1 worker (first_pixel); master acquisition -> sink; "
             f"baseline: detector -> consumer of the raw chain{_check(latency, n_latency)}")
     rows.append(_row(f"latency p50 at {LATENCY_HZ:g} Hz", sink["LatencyP50Ms"], "ms", raw_50["p50_ms"], "", note))
-    rows.append(_row(f"latency p99 at {LATENCY_HZ:g} Hz", sink["LatencyP99Ms"], "ms", raw_50["p99_ms"], "",
-                     f"sorter p50/p99: {latency['sorter']['LatencyP50Ms']:.1f}/{latency['sorter']['LatencyP99Ms']:.1f} ms"))
+    rows.append(_row(f"latency p99 at {LATENCY_HZ:g} Hz", sink["LatencyP99Ms"], "ms", raw_50["p99_ms"], "", (
+        f"sorter p50/p99: {latency['sorter']['LatencyP50Ms']:.1f}/{latency['sorter']['LatencyP99Ms']:.1f} ms")))
     return rows
 
 
@@ -437,8 +481,10 @@ def _mkdir(path: Path) -> Path:
 
 
 def _row(name: str, value: float | None, unit: str, baseline: float | None = None, goal: str = "",
-         note: str = "") -> dict:
-    ratio = value / baseline if value is not None and baseline else None
+         note: str = "", ratio: float | None = None) -> dict:
+    """One table row: value in unit, the baseline it is compared with, value / baseline, the goal."""
+    if ratio is None and value is not None and baseline:
+        ratio = value / baseline
     return {
         "benchmark": name,
         "value": round(value, 2) if value is not None else "-",

@@ -56,6 +56,11 @@ def _bool(text: str) -> bool:
     return lowered in ("true", "1")
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names ("" for none)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _mib(text: str) -> int:
     value = int(text)
     if value % MIB:
@@ -92,10 +97,20 @@ SINK_KEYS = {
 }
 LAVUE_KEYS = {"LavuePort": ("port", _int), "LavueMaxRateHz": ("max_rate_hz", float)}
 WRITER_KEYS = {
+    "Kind": ("kind", str),
     "Directory": ("directory", str),
     "FilePattern": ("pattern", str),
     "FlushPeriod": ("flush_s", float),
+    "Compression": ("compression", str),
+    "SaveRaw": ("save_raw", _bool),
+    "Swmr": ("swmr", _bool),
+    "Results": ("results", _names),
+    "Maps": ("maps", _names),
+    "PlotEvery": ("every", _int),
+    "CubeBy": ("by", str),
 }
+#: sink properties derived from the writers of its group (where its evicted results are on disk)
+SINK_DERIVED = ("ScanFileDirectory", "ScanFilePattern", "Pipeline")
 BRIDGE_KEYS = {"Port": ("port", _int), "MaxRateHz": ("max_rate_hz", float)}
 PIPELINE_CLASSES = (
     "PipelineMaster",
@@ -336,6 +351,7 @@ def from_dsconfig(config: dict[str, Any], where: str = "<dsconfig>") -> tuple[di
         sink.convert(LAVUE_KEYS, lavue)
         sink_out["lavue"] = lavue
         sink.text("BindAddress", bind)
+        sink.used.update(SINK_DERIVED)
         data["sink"] = sink_out
 
     writers: dict[str, Any] = {}
@@ -343,6 +359,10 @@ def from_dsconfig(config: dict[str, Any], where: str = "<dsconfig>") -> tuple[di
         wname = owned(writer, "writer", "NAME/writer/WRITER")
         writer_out: dict[str, Any] = {"group": upstream_group(writer, sorters)}
         writer.convert(WRITER_KEYS, writer_out)
+        if "CubeBins" in writer.props:
+            bins = writer.json("CubeBins")
+            if bins not in ([], None):
+                writer_out["bins"] = bins
         if writer.text("Pipeline", name) != name:
             warnings.append(
                 f"{writer.name}: property Pipeline {writer.text('Pipeline')!r} differs from the "

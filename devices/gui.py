@@ -16,6 +16,7 @@ Taurus' slow client polling.
 
     tangopipe gui config/demo.yaml
     tangopipe gui --screenshot status.png --after 5     # headless: a PNG of the GUI, then exit
+    tangopipe plot data/demo_scan00001.h5 [--dataset NAME] [--out PNG]   # a scan file at a glance
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.definition import PipelineDefinition, load_definition
+
+from .database import DeploymentError
 
 #: The taurusgui configuration this module feeds.
 GUI_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config" / "taurus" / "tangopipe_gui"
@@ -157,37 +160,34 @@ def create_gui(spec_path: str | os.PathLike, settings: str | os.PathLike | None 
 
 
 def arrange_panels(gui: Any) -> None:
-    """The default layout: overview left, latest image and spectrum right, trends and
-    scan control below (a saved perspective replaces it)."""
+    """The default layout: the overview on the left; on the right the latest image,
+    the spectrum, the trends (tabs) and scan control (Taurus would tab every panel
+    together; a saved perspective replaces this)."""
     from taurus.external.qt import Qt
 
     panels = {name: gui.getPanel(name) for name in gui.getPanelNames()}
-    overview, image, spectrum = panels.get("Pipeline"), panels.get("Image"), panels.get("Spectrum")
-    rates, queues, scan, manual = (
-        panels.get("Rates"),
-        panels.get("Queues"),
-        panels.get("Scan"),
-        panels.get("Manual"),
-    )
-    if overview is None:
-        return
-    right = image or spectrum
-    if right is not None:
-        gui.splitDockWidget(overview, right, Qt.Qt.Horizontal)
-        if image is not None and spectrum is not None:
-            gui.splitDockWidget(image, spectrum, Qt.Qt.Vertical)
-    below = [p for p in (rates, queues) if p is not None]
-    if below:
-        gui.splitDockWidget(overview, below[0], Qt.Qt.Vertical)
-        for panel in below[1:]:
-            gui.tabifyDockWidget(below[0], panel)
-        below[0].raise_()
-        if scan is not None:
-            gui.splitDockWidget(below[0], scan, Qt.Qt.Horizontal)
-    if manual is not None:
-        manual.hide()  # still in the Panels menu
-    docks = [p for p in (overview, right) if p is not None]
-    gui.resizeDocks(docks, [3, 2][: len(docks)], Qt.Qt.Horizontal)
+    for panel in panels.values():
+        gui.removeDockWidget(panel)  # out of Taurus' tab stack
+    placed = {}
+    for name, area in (("Pipeline", Qt.Qt.LeftDockWidgetArea), *((n, Qt.Qt.RightDockWidgetArea) for n in
+                       ("Image", "Spectrum", "Rates", "Queues", "Scan", "Manual"))):  # fmt: skip
+        panel = panels.get(name)
+        if panel is not None:
+            gui.addDockWidget(area, panel)
+            panel.show()
+            placed[name] = panel
+    column = [placed[n] for n in ("Image", "Spectrum", "Rates", "Scan") if n in placed]
+    for upper, lower in zip(column, column[1:], strict=False):
+        gui.splitDockWidget(upper, lower, Qt.Qt.Vertical)
+    for tab, under in (("Queues", "Rates"), ("Manual", "Scan")):
+        if tab in placed and under in placed:
+            gui.tabifyDockWidget(placed[under], placed[tab])
+            placed[under].raise_()
+    if "Pipeline" in placed and column:
+        gui.resizeDocks([placed["Pipeline"], column[0]], [11, 9], Qt.Qt.Horizontal)
+    weights = {"Image": 3, "Spectrum": 2, "Rates": 3, "Scan": 1}
+    gui.resizeDocks(column, [weights[n] * 100 for n in ("Image", "Spectrum", "Rates", "Scan") if n in placed],
+                    Qt.Qt.Vertical)  # fmt: skip
 
 
 def qt_application() -> Any:
@@ -248,6 +248,17 @@ def cmd_gui(args: argparse.Namespace) -> int:
     return run_gui(spec_path, settings, args.screenshot, args.after)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pipelines.plots import quick_look
+
+    try:
+        out = quick_look(args.file, args.dataset, args.out, args.index)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DeploymentError(f"plot {args.file}: {exc}") from None
+    print(out)
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "gui", help="the Taurus GUI of the pipeline: health, trends, latest results, scans"
@@ -259,3 +270,11 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--after", type=float, default=5.0, help="seconds before the screenshot (default 5)")
     p.add_argument("--ini", help="Taurus settings file (default: in the state folder)")
     p.set_defaults(func=cmd_gui)
+    p = subparsers.add_parser("plot", help="a PNG of a scan file's default plot (or of one dataset)")
+    p.add_argument("file", help="NeXus/HDF5 scan file written by a tangopipe writer")
+    p.add_argument(
+        "--dataset", help="dataset path (/entry/main/center_sum) or name in the default NXdata group"
+    )
+    p.add_argument("--index", type=int, help="frame to show for per-frame arrays (default: last valid / all)")
+    p.add_argument("--out", help="PNG to write (default: FILE_DATASET.png beside the file)")
+    p.set_defaults(func=cmd_plot)

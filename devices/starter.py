@@ -28,7 +28,7 @@ from pipelines.definition import PipelineDefinition, load_definition
 from .database import DeploymentError, database, executable, register
 
 #: Starter's startup level per role: upstream first, so each device finds what it reads.
-STARTUP_LEVELS = {"master": 1, "sorter": 2, "worker": 3, "sink": 4, "writer": 4}
+STARTUP_LEVELS = {"master": 1, "sorter": 2, "worker": 3, "sink": 4, "writer": 4, "lavue": 4}
 #: the server classes every pipeline has (more are found in devices/, e.g. LavueBridge)
 SERVER_CLASSES = ("PipelineMaster", "PipelineWorker", "PipelineSorter", "PipelineSink", "PipelineWriter")
 LAST_LEVEL = 4
@@ -180,12 +180,13 @@ def deploy(
     """
     host = host or definition.host or short_hostname()
     servers = pipeline_servers(definition)
-    running = running_servers(db, list(servers))
+    stale = stale_servers(db, definition)
+    running = running_servers(db, [*servers, *stale])
     if running:
         raise DeploymentError(
             f"{', '.join(running)} running: stop the pipeline's servers (Astor, or 'tangopipe down') and deploy again"
         )
-    for server in stale_servers(db, definition):
+    for server in stale:
         db.delete_server(server)
     register(db, definition)
     rows = []
@@ -201,8 +202,7 @@ def deploy(
     return rows
 
 
-def set_starter_path(db: tango.Database, host: str, folder: Path) -> list[str]:
-    """Add ``folder`` to the StartDsPath property of the Starter of ``host``; return the new path list."""
+def check_starter_registered(db: tango.Database, host: str) -> None:
     device = starter_device(host)
     try:
         db.get_device_info(device)
@@ -211,6 +211,12 @@ def set_starter_path(db: tango.Database, host: str, folder: Path) -> list[str]:
             f"--set-starter-path: the Starter device {device} is not registered in the Tango database; "
             f"register it with 'tango_admin --add-server Starter/{host} Starter {device}' (or Astor) first"
         ) from None
+
+
+def set_starter_path(db: tango.Database, host: str, folder: Path) -> list[str]:
+    """Add ``folder`` to the StartDsPath property of the Starter of ``host``; return the new path list."""
+    check_starter_registered(db, host)
+    device = starter_device(host)
     current = list(db.get_device_property(device, ["StartDsPath"])["StartDsPath"])
     folder_text = str(Path(folder).expanduser().resolve())
     if folder_text not in current:
@@ -244,8 +250,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     host = args.host or definition.host or short_hostname()
     if args.set_starter_path and not args.starter:
         raise DeploymentError("--set-starter-path needs --starter DIR (the folder to add to StartDsPath)")
-    wrappers = write_wrappers(Path(args.starter)) if args.starter else []
     db = database(tango_host)
+    if args.set_starter_path:
+        check_starter_registered(db, host)
+    wrappers = write_wrappers(Path(args.starter)) if args.starter else []
     rows = deploy(definition, db, host)
     for server, server_host, level in rows:
         print(f"{server:<36} host {server_host}  level {level}  controlled")

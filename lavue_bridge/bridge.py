@@ -46,6 +46,7 @@ from pipelines import message as m
 from pipelines.consumer import ConsumerEngine
 from pipelines.engine import Health
 from pipelines.geometry import PoniError, PoniGeometry, radial_unit, read_poni
+from pipelines.plots import scan_axes
 from pipelines.sink import image_topic
 from pipelines.steps.maps import MapAssembler, grid_shape
 
@@ -139,59 +140,21 @@ def caked_metadata(radial: np.ndarray, azimuthal: np.ndarray, unit: str | None) 
     }
 
 
-def _motor_axis(name: str, spec: Any, n: int) -> tuple[list[float], str] | None:
-    """Positions of ``n`` points and the unit of one ``motors`` entry, or None if unusable."""
-    unit = ""
-    if isinstance(spec, Mapping):
-        unit = str(spec.get("unit", ""))
-        if "positions" in spec:
-            spec = spec["positions"]
-        elif "start" in spec and "stop" in spec:
-            spec = [spec["start"], spec["stop"]]
-        else:
-            return None
-    if not isinstance(spec, list | tuple) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in spec
-    ):
-        return None
-    if len(spec) == n:
-        return [float(v) for v in spec], unit
-    if len(spec) == 2:  # end points
-        return [float(v) for v in np.linspace(spec[0], spec[1], n)], unit
-    return None
-
-
 def map_axes(scan_shape: Any, motors: Any) -> dict[str, Any]:
-    """``axisscales``/``axislabels`` of a map over a ``scan_shape`` [n_slow, n_fast] grid.
-
-    ``motors`` (StartScan metadata) maps motor names to their positions, in the
-    order of ``scan_shape``: the first motor along the slow axis (map rows), the
-    second along the fast axis (columns). Each entry is a list of positions (one
-    per point of its axis), the two end points ``[start, stop]``, or a mapping
-    ``{"start", "stop", "unit"}`` / ``{"positions", "unit"}``. Without usable
-    motors the axes are point numbers.
-    """
+    """``axisscales``/``axislabels`` of a map over a ``scan_shape`` [n_slow, n_fast] grid,
+    from the StartScan ``motors`` (see :func:`pipelines.plots.scan_axes`); point
+    numbers without usable motors. Positions not evenly spaced give labels only."""
     n_slow, n_fast = grid_shape(scan_shape)
-    axes: list[tuple[str, list[float], str]] = []
-    if isinstance(motors, Mapping) and len(motors) >= 2:
-        for (name, spec), n in zip(list(motors.items())[:2], (n_slow, n_fast), strict=True):
-            axis = _motor_axis(str(name), spec, n)
-            if axis is None:
-                axes = []
-                break
-            axes.append((str(name), *axis))
-    if not axes:
-        axes = [("row", list(map(float, range(n_slow))), ""), ("column", list(map(float, range(n_fast))), "")]
-    (row_name, rows, row_unit), (col_name, cols, col_unit) = axes
-    try:
-        scales = protocol.axisscales_for_image(rows, cols)
-    except ValueError:  # not evenly spaced: Lavue can only label the axes
-        scales = None
+    axes = scan_axes(n_slow, n_fast, motors)
     out: dict[str, Any] = {
-        "axislabels": protocol.axislabels_for_image(row_name, col_name, row_unit, col_unit)
+        "axislabels": protocol.axislabels_for_image(
+            axes.row_label, axes.col_label, axes.row_unit, axes.col_unit
+        )
     }
-    if scales is not None:
-        out["axisscales"] = scales
+    try:
+        out["axisscales"] = protocol.axisscales_for_image(axes.rows, axes.cols)
+    except ValueError:
+        pass
     return out
 
 

@@ -27,7 +27,7 @@ def wait_for(predicate, timeout=15.0, what="condition"):
 
 
 def test_sorter_device_publishes_endpoints_units_and_counts_bad_messages():
-    with DeviceTestContext(PipelineSorter, process=True, properties={"ReorderWindow": 32}) as dev:
+    with DeviceTestContext(PipelineSorter, process=True, properties={"ReorderWindow": 32}, timeout=60) as dev:
         assert dev.state() == tango.DevState.ON
         assert dev.DataEndpoint.startswith("tcp://127.0.0.1:")
         assert dev.CollectEndpoint.startswith("tcp://127.0.0.1:")
@@ -47,7 +47,7 @@ def test_sorter_device_publishes_endpoints_units_and_counts_bad_messages():
 
 def test_master_device_runs_a_scan_through_real_engines():
     props = {"Source": SMALL_SOURCE, "MaxQueueFrames": 8}
-    with DeviceTestContext(PipelineMaster, process=True, properties=props) as master:
+    with DeviceTestContext(PipelineMaster, process=True, properties=props, timeout=60) as master:
         assert master.state() == tango.DevState.ON
         sorter = SorterEngine()
         sorter.bind_now()
@@ -91,7 +91,7 @@ def test_master_device_runs_a_scan_through_real_engines():
     ],
 )
 def test_bad_properties_give_fault_and_a_status_that_says_what_to_fix(props, words):
-    with DeviceTestContext(PipelineMaster, process=True, properties=props) as dev:
+    with DeviceTestContext(PipelineMaster, process=True, properties=props, timeout=60) as dev:
         assert dev.state() == tango.DevState.FAULT
         for word in words:
             assert word in dev.status()
@@ -106,7 +106,7 @@ def test_worker_without_a_database_reports_unknown_naming_the_upstream():
         ]},
         {"class": PipelineSorter, "devices": [{"name": "test/sorter/1", "properties": {}}]},
     ]
-    with MultiDeviceTestContext(devices, process=True) as ctx:
+    with MultiDeviceTestContext(devices, process=True, timeout=60) as ctx:
         worker = ctx.get_device("test/worker/1")
         sorter = ctx.get_device("test/sorter/1")
         wait_for(lambda: "test/master/9" in worker.status(), what="status naming the upstream")
@@ -117,7 +117,7 @@ def test_worker_without_a_database_reports_unknown_naming_the_upstream():
 
 def test_worker_rejects_a_bad_reconfiguration_and_keeps_its_chain():
     props = {"Steps": json.dumps([{"roi_stats": {"bin": 2}}])}
-    with DeviceTestContext(PipelineWorker, process=True, properties=props) as dev:
+    with DeviceTestContext(PipelineWorker, process=True, properties=props, timeout=60) as dev:
         with pytest.raises(tango.DevFailed, match="unknown parameter 'binning'"):
             dev.Reconfigure(json.dumps([{"roi_stats": {"binning": 2}}]))
         assert dev.ConfigVersion == 1

@@ -112,7 +112,7 @@ def test_exported_json_loads_with_json2tango_and_reads_back_the_same(facility_db
     assert again.returncode == 0, again.stderr  # dsconfig: no changes needed
 
     dumped = subprocess.run(
-        [str(BIN / "tango2json"), "device:dsx/"],
+        [str(BIN / "tango2json"), "device:dsx/*"],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -172,7 +172,8 @@ def test_starter_starts_and_stops_every_server_deployed_for_it(facility_db, tmp_
             assert (wrappers / server.split("/")[0]).stat().st_mode & 0o111
         assert str(wrappers) in list(db.get_device_property(starter.device, "StartDsPath")["StartDsPath"])
 
-        admin = starter.proxy()
+        admin = starter.proxy()  # lists them (stopped) before their first start, as Astor shows them
+        wait_for(lambda: set(servers) <= set(admin.StoppedServers or []), 30, "Starter listing them stopped")
         for server in servers:  # upstream first, as the startup levels say
             admin.DevStart(server)
         wait_ready(definition, facility_db, timeout=240)  # every device ON, the pipeline wired
@@ -180,6 +181,8 @@ def test_starter_starts_and_stops_every_server_deployed_for_it(facility_db, tmp_
             pids[spec.server] = db.get_device_info(spec.name).pid
             assert device_report(spec, facility_db)["state"] == "ON"
         wait_for(lambda: set(servers) <= set(admin.RunningServers or []), 30, "Starter listing them running")
+        again = tangopipe("deploy", str(config), env=env, cwd=tmp_path, check=False)
+        assert again.returncode == 1 and "PipelineMaster/astor" in again.stderr and "running" in again.stderr
 
         # what Jive shows for each property of a running server: a description
         for cls in dict.fromkeys(s.cls for s in definition.devices()):
@@ -193,7 +196,9 @@ def test_starter_starts_and_stops_every_server_deployed_for_it(facility_db, tmp_
         for spec in definition.devices():
             wait_for(lambda spec=spec: _gone(spec.name, facility_db), 60, f"{spec.name} to go away")
         wait_for(lambda: not pids_alive(pids.values()), 30, "the server processes to exit")
-        wait_for(lambda: set(servers) <= set(admin.StoppedServers or []), 30, "Starter listing them stopped")
+        wait_for(
+            lambda: set(servers) <= set(admin.StoppedServers or []), 30, "Starter listing them stopped again"
+        )
     finally:
         for pid in pids.values():
             if pid and pid_alive(pid):

@@ -179,18 +179,20 @@ def column(scan: dict, name: str) -> np.ndarray:
     return scan["columns"][found[0]]
 
 
-def tangopipe_file(beamline: Beamline, scan_id: int) -> Path:
-    path = beamline.scan_dir / f"demo_scan{scan_id:05}.h5"
+def scan_and_file(beamline: Beamline, *macro: str) -> tuple[dict, dict, Path]:
+    """Run a scan macro; its Door result, its SPEC record and tangopipe's file once closed."""
+    writer = beamline.pipeline.proxy("demo/writer/hdf5")
+    done = writer.ScansDone
+    result = beamline.run(*macro)
+    assert result["state"] == "finish", result
+    scans = spec_scans(beamline.scan_dir / "scans.dat")
+    scan_id = max(scans)
+    assert scans[scan_id]["title"].startswith(" ".join(macro[:2])), scans[scan_id]
     deadline = time.monotonic() + 60
-    while True:  # complete once the writer closed it with the scan-end record
-        try:
-            with h5py.File(path, "r") as f:
-                if "end_json" in f["entry/scan"]:
-                    return path
-        except OSError:  # not there yet, or still open in the writer
-            pass
-        assert time.monotonic() < deadline, f"{path} not written and closed"
-        time.sleep(0.2)
+    while writer.ScansDone <= done:
+        assert time.monotonic() < deadline, f"tangopipe did not close the file of scan {scan_id}"
+        time.sleep(0.1)
+    return result, scans[scan_id], beamline.scan_dir / f"demo_scan{scan_id:05}.h5"
 
 
 def scalars_match_their_index(scan: dict, results: np.ndarray) -> int:
@@ -209,29 +211,26 @@ def scalars_match_their_index(scan: dict, results: np.ndarray) -> int:
 
 
 def test_ascan_gives_scan_id_positions_and_a_tangopipe_column(beamline):
-    result = beamline.run("ascan", "mot01", "0", "1", "4", "0.1")
-    assert result["state"] == "finish", result
+    result, sardana, path = scan_and_file(beamline, "ascan", "mot01", "0", "1", "4", "0.1")
     assert not result["Warning"], result
-    scans = spec_scans(beamline.scan_dir / "scans.dat")
-    scan_id = max(scans)
-    sardana = scans[scan_id]
-    assert sardana["title"].startswith("ascan mot01")
-    path = tangopipe_file(beamline, scan_id)
+    scan_id = int(path.stem[-5:])
     with h5py.File(path, "r") as f:
         entry = f["entry"]
         assert entry["scan_id"][()].decode() == str(scan_id)
-        assert entry["scan/macro"][()].decode() == "ascan"
-        assert json.loads(entry["scan/motors"][()]) == ["mot01"]
-        assert list(entry["scan/scan_shape"][()]) == [1, 5]
-        assert entry["scan/frames"][()] == 5
-        assert entry["scan/scan_dir"][()].decode() == str(beamline.scan_dir)
+        scan = entry["scan"]
+        assert scan["scan_id"][()] == scan_id
+        assert scan["macro"][()].decode() == "ascan"
+        assert json.loads(scan["motors"][()]) == ["mot01"]
+        assert list(scan["scan_shape"][()]) == [1, 5]
+        assert scan["frames"][()] == 5
+        assert scan["scan_dir"][()].decode() == str(beamline.scan_dir)
         assert entry["frames_written"][()] == 5
         assert list(entry["main/index"][()]) == [0, 1, 2, 3, 4]
         results = entry["main/center_sum"][()]
-        end = json.loads(entry["scan/end_json"][()])
-    # the positions tangopipe holds per frame are the positions Sardana recorded per point
-    assert end["positions"]["mot01"] == pytest.approx(list(column(sardana, "mot01")))
-    assert end["positions"]["mot01"] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+        positions = scan["positions/mot01"][()]
+    # the position tangopipe stored with frame i is the one Sardana recorded at point i
+    assert positions == pytest.approx(column(sardana, "mot01"))
+    assert positions == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
     assert beamline.master.PointsReported == 5
     # the tangopipe scalar is a column of the scan, with the frame it came from
     assert len(column(sardana, "center_sum")) == 5
@@ -239,33 +238,35 @@ def test_ascan_gives_scan_id_positions_and_a_tangopipe_column(beamline):
 
 
 def test_snake_mesh_gives_grid_and_positions_in_acquisition_order(beamline):
-    result = beamline.run("mesh", "mot01", "0", "1", "2", "mot02", "0", "0.5", "1", "0.1", "True")
-    assert result["state"] == "finish", result
-    scans = spec_scans(beamline.scan_dir / "scans.dat")
-    scan_id = max(scans)
-    sardana = scans[scan_id]
-    assert sardana["title"].startswith("mesh mot01")
-    path = tangopipe_file(beamline, scan_id)
+    # the point hook also works at pre-acq (positions known before the frame is taken)
+    assert beamline.run("udefgh", "tangopipe_point")["state"] == "finish"
+    assert beamline.run("defgh", "tangopipe_point", "pre-acq")["state"] == "finish"
+    macro = ("mesh", "mot01", "0", "1", "2", "mot02", "0", "0.5", "1", "0.1", "True")
+    try:
+        result, sardana, path = scan_and_file(beamline, *macro)
+    finally:
+        assert beamline.run("udefgh", "tangopipe_point")["state"] == "finish"
+        assert beamline.run(*DEFGH_LINES[1].split())["state"] == "finish"
+    scan_id = int(path.stem[-5:])
     with h5py.File(path, "r") as f:
-        entry = f["entry"]
-        assert entry["scan_id"][()].decode() == str(scan_id)
-        assert list(entry["scan/scan_shape"][()]) == [2, 3]  # [slow mot02, fast mot01]
-        assert bool(entry["scan/snake"][()]) is True
-        assert json.loads(entry["scan/motors"][()]) == ["mot01", "mot02"]
-        assert entry["frames_written"][()] == 6
-        results = entry["main/center_sum"][()]
-        end = json.loads(entry["scan/end_json"][()])
-    positions = end["positions"]
+        scan = f["entry/scan"]
+        assert scan["scan_id"][()] == scan_id
+        assert list(scan["scan_shape"][()]) == [2, 3]  # [slow mot02, fast mot01]
+        assert bool(scan["snake"][()]) is True
+        assert json.loads(scan["motors"][()]) == ["mot01", "mot02"]
+        assert f["entry/frames_written"][()] == 6
+        results = f["entry/main/center_sum"][()]
+        positions = {motor: scan[f"positions/{motor}"][()] for motor in ("mot01", "mot02")}
     for motor in ("mot01", "mot02"):
-        assert positions[motor] == pytest.approx(list(column(sardana, motor)))
+        assert positions[motor] == pytest.approx(column(sardana, motor))
     # frame i is point i: the second row of a snake runs backwards
     assert positions["mot01"] == pytest.approx([0.0, 0.5, 1.0, 1.0, 0.5, 0.0])
     assert positions["mot02"] == pytest.approx([0.0, 0.0, 0.0, 0.5, 0.5, 0.5])
     # the sink assembles the map on the Sardana grid
-    grid = np.array(json.loads(beamline.sink.GetMap(json.dumps({"scan": scan_id, "stream": "main",
-                                                                "name": "center_sum"})))["map"])  # fmt: skip
+    query = json.dumps({"scan": scan_id, "stream": "main", "name": "center_sum"})
+    grid = np.array(json.loads(beamline.sink.GetMap(query))["map"])
     assert grid.shape == (2, 3)
-    assert grid[1, ::-1] == pytest.approx(results[3:6])  # snake: row 1 stored from right to left
+    assert grid[1, ::-1] == pytest.approx(results[3:6])  # snake: row 1 measured from right to left
     assert scalars_match_their_index(sardana, results) >= 1
 
 

@@ -19,6 +19,7 @@ SOURCES: dict[str, str] = {
     "pipeline": "pipelines.sources.chain:PipelineStreamSource",
     "eiger": "pipelines.sources.eiger:EigerStreamSource",
     "stream": "pipelines.sources.stream:FrameStreamSource",
+    "files": "pipelines.sources.files:FileSource",
     "simulator_xrd": "pipelines.sources.simulators:SimulatedDiffraction",
     "simulator_mca": "pipelines.sources.simulators:SimulatedMCA",
     "simulator_dpc": "pipelines.sources.simulators:SimulatedDPC",

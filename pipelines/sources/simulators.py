@@ -29,6 +29,9 @@ from pipelines.steps.maps import grid_position, grid_shape
 
 from . import SourceError
 
+#: What a random generator is for (see ``_SimulatedSource._rng``).
+SAMPLE, NOISE, PEAKS = 1, 2, 3
+
 DEFAULT_PONI = str(Path(__file__).resolve().parents[2] / "config" / "geometry" / "demo.poni")
 
 
@@ -95,9 +98,11 @@ class _SimulatedSource:
         self.seed = int(seed)
         self._stop = threading.Event()
 
-    def _rng(self, *key: int) -> np.random.Generator:
-        """A generator for (seed, *key): the same numbers whenever the same frame is made."""
-        return np.random.default_rng([self.seed, *key])
+    def _rng(self, purpose: int, index: int = 0) -> np.random.Generator:
+        """The generator of one ``purpose`` (SAMPLE, NOISE, ...) for frame ``index``: the same
+        numbers whenever the same frame is made, independent between purposes and frames.
+        (Keys all have three words: numpy's seeding ignores trailing zero words.)"""
+        return np.random.default_rng([self.seed, purpose, index])
 
     def scan_defaults(self) -> dict[str, Any]:
         """StartScan metadata for a scan started without any: its frames (and grid when mapping)."""
@@ -209,15 +214,15 @@ class SimulatedDiffraction(_SimulatedSource):
     maximum). :meth:`bad_pixel_mask` gives the pixels a calibration must mask; it depends on
     the shape only, as a real detector's defects do not change with the sample.
 
-    As in ``simulator``, a few ring patterns (1, 1.15, 1.3... times nominal) and air-scatter
-    patterns are drawn once with Poisson noise; frame ``i`` is ring pattern ``i % 5`` plus
-    scatter pattern ``i % 7``: counting statistics are right (a sum of Poisson draws is
+    As in ``simulator``, a few ring patterns (1, 1.15 and 1.3 times nominal) and air-scatter
+    patterns are drawn once with Poisson noise; frame ``i`` is ring pattern ``i % 3`` plus
+    scatter pattern ``i % 4``: counting statistics are right (a sum of Poisson draws is
     Poisson), frames come at full rate and any can be made again from its index.
     """
 
     kind = "simulator_xrd"
-    RING_VARIANTS = 5
-    SCATTER_VARIANTS = 7
+    RING_VARIANTS = 3
+    SCATTER_VARIANTS = 4
     FCC_REFLECTIONS = ((1, 1, 1), (2, 0, 0), (2, 2, 0), (3, 1, 1), (2, 2, 2), (4, 0, 0))
     DEFAULT_INTENSITIES = (800.0, 350.0, 500.0, 300.0, 120.0, 200.0)
 
@@ -352,9 +357,8 @@ class SimulatedDiffraction(_SimulatedSource):
             gap[r - 4 : r + 4, :] = True
         for c in range(1024, cols, 1024):
             gap[:, c - 4 : c + 4] = True
-        hot = np.random.default_rng(2048).choice(
-            rows * cols, size=max(1, rows * cols // 20000), replace=False
-        )
+        pixels = np.flatnonzero(~gap)  # hot pixels are real pixels, not gaps
+        hot = np.random.default_rng(2048).choice(pixels, size=max(1, pixels.size // 20000), replace=False)
         return np.flatnonzero(gap), np.sort(hot)
 
     def bad_pixel_mask(self) -> np.ndarray:
@@ -396,7 +400,7 @@ class SimulatedDiffraction(_SimulatedSource):
             rings, scatter = self._rings() * response, self._scatter() * response
             with self._lock:
                 if self._patterns is None:
-                    rng = self._rng(0)
+                    rng = self._rng(NOISE)
                     top = np.iinfo(self.dtype).max // 2
 
                     def draw(mean: np.ndarray) -> np.ndarray:
@@ -534,7 +538,7 @@ class SimulatedMCA(_MappingSource):
         self.energy = self.energy_offset + self.energy_gain * np.arange(self.n_channels)
         self._lines = np.stack([self._element_lines(name) for name in self.elements])
         self._background = self._scatter_background()
-        rng = self._rng(0)
+        rng = self._rng(SAMPLE)
         self._maps = [self._pattern(n, rng) for n in range(len(self.elements))]
 
     def _peak(self, centre: float, area: float, sigma: float | None = None) -> np.ndarray:
@@ -600,7 +604,7 @@ class SimulatedMCA(_MappingSource):
     def frame(self, index: int, scan_shape: Any = None, snake: bool | None = None) -> np.ndarray:
         """The spectrum (spectra) of point ``index``, uint32 counts."""
         mean = self.expected_spectrum(index, scan_shape, snake) / self.n_detectors
-        spectra = self._rng(index, 1).poisson(mean, (self.n_detectors, self.n_channels)).astype(np.uint32)
+        spectra = self._rng(NOISE, index).poisson(mean, (self.n_detectors, self.n_channels)).astype(np.uint32)
         return spectra[0] if self.n_detectors == 1 else spectra
 
     def describe(self) -> dict[str, Any]:
@@ -673,7 +677,7 @@ class SimulatedDPC(_MappingSource):
         self.disc_radius, self.centre = float(disc_radius), (float(centre[0]), float(centre[1]))
         self.max_shift, self.counts = float(max_shift), float(counts)
         self.absorption, self.background = float(absorption), float(background)
-        rng = self._rng(0)
+        rng = self._rng(SAMPLE)
         self._cells = np.column_stack(
             [
                 rng.uniform(0.2, 0.8, cells),  # v
@@ -730,7 +734,7 @@ class SimulatedDPC(_MappingSource):
 
     def frame(self, index: int, scan_shape: Any = None, snake: bool | None = None) -> np.ndarray:
         """The detector frame at point ``index``."""
-        counts = self._rng(index, 1).poisson(self.expected_frame(index, scan_shape, snake))
+        counts = self._rng(NOISE, index).poisson(self.expected_frame(index, scan_shape, snake))
         return np.minimum(counts, np.iinfo(self.dtype).max).astype(self.dtype)
 
     def describe(self) -> dict[str, Any]:
@@ -756,7 +760,14 @@ class SimulatedHits(_SimulatedSource):
     ``hit_fraction`` of the frames also holds ``peaks_per_hit`` Bragg peaks: Gaussian spots
     of ``spot_sigma`` pixels with 80 + exponential(``peak_photons``) photons each.
     :meth:`is_hit` and :meth:`peaks` say which frames are hits and where their peaks are.
+
+    The background's Poisson draws and the read noise are made once, a few of each; frame
+    ``i`` uses background ``i % 7`` and read noise ``i % 5`` plus its own spots' Poisson
+    draws, so frames come at full rate and any can be made again from its index.
     """
+
+    BACKGROUND_VARIANTS = 7
+    NOISE_VARIANTS = 5
 
     kind = "simulator_hits"
 
@@ -821,14 +832,22 @@ class SimulatedHits(_SimulatedSource):
         ring = float(ring_photons) * np.exp(-0.5 * ((r - float(ring_radius)) / ring_width) ** 2)
         self.background_photons = float(background) + ring
         self._half = int(math.ceil(4 * self.spot_sigma))
+        rng = self._rng(NOISE)
+        self._background_draws = [
+            rng.poisson(self.background_photons).astype(np.int32) for _ in range(self.BACKGROUND_VARIANTS)
+        ]
+        self._read_noise = [
+            rng.normal(0.0, self.read_noise, self.shape).astype(np.float32)
+            for _ in range(self.NOISE_VARIANTS)
+        ]
 
     def is_hit(self, index: int) -> bool:
         """Whether frame ``index`` holds a crystal's peaks."""
-        return bool(self._rng(index, 0).random() < self.hit_fraction)
+        return bool(self._rng(PEAKS, index).random() < self.hit_fraction)
 
     def peaks(self, index: int) -> np.ndarray:
         """The Bragg peaks of frame ``index``: N x 3 (row, col, photons); 0 x 3 for a blank."""
-        rng = self._rng(index, 0)
+        rng = self._rng(PEAKS, index)
         if not rng.random() < self.hit_fraction:
             return np.zeros((0, 3))
         n = int(rng.integers(self.peaks_per_hit[0], self.peaks_per_hit[1] + 1))
@@ -838,29 +857,39 @@ class SimulatedHits(_SimulatedSource):
         photons = 80.0 + rng.exponential(self.peak_photons, n)
         return np.column_stack([rows, cols, photons])
 
+    def _spots(self, index: int) -> list[tuple[slice, slice, np.ndarray]]:
+        """Each peak's window on the frame and its mean photons there."""
+        h = self._half
+        offsets = np.arange(-h, h + 1)
+        out = []
+        for row, col, photons in self.peaks(index):
+            r0, c0 = int(round(row)), int(round(col))
+            d2 = (r0 + offsets - row)[:, None] ** 2 + (c0 + offsets - col)[None, :] ** 2
+            spot = np.exp(-d2 / (2 * self.spot_sigma**2))
+            out.append((slice(r0 - h, r0 + h + 1), slice(c0 - h, c0 + h + 1), photons * spot / spot.sum()))
+        return out
+
     def expected_photons(self, index: int) -> np.ndarray:
         """Mean photons per pixel of frame ``index`` (float64)."""
         mean = self.background_photons.copy()
-        h = self._half
-        offsets = np.arange(-h, h + 1)
-        for row, col, photons in self.peaks(index):
-            r0, c0 = int(round(row)), int(round(col))
-            spot = np.exp(
-                -((r0 + offsets - row)[:, None] ** 2 + (c0 + offsets - col)[None, :] ** 2)
-                / (2 * self.spot_sigma**2)
-            )
-            mean[r0 - h : r0 + h + 1, c0 - h : c0 + h + 1] += photons * spot / spot.sum()
+        for rows, cols, spot in self._spots(index):
+            mean[rows, cols] += spot
         return mean
 
     def photons(self, index: int) -> np.ndarray:
-        """Photons per pixel of frame ``index``: the Poisson draw behind the ADU frame."""
-        return self._rng(index, 1).poisson(self.expected_photons(index))
+        """Photons per pixel of frame ``index`` (int32): the Poisson draw behind the ADU frame."""
+        out = self._background_draws[index % self.BACKGROUND_VARIANTS].copy()
+        rng = self._rng(NOISE, index)
+        for rows, cols, spot in self._spots(index):
+            out[rows, cols] += rng.poisson(spot).astype(np.int32)
+        return out
 
     def frame(self, index: int) -> np.ndarray:
         """Frame ``index`` in ADU."""
-        adu = self.pedestal + self.gain * self.photons(index)
-        if self.read_noise:
-            adu = adu + self._rng(index, 2).normal(0.0, self.read_noise, self.shape)
+        adu = self.photons(index).astype(np.float32)
+        adu *= np.float32(self.gain)
+        adu += np.float32(self.pedestal)
+        adu += self._read_noise[index % self.NOISE_VARIANTS]
         return np.clip(np.rint(adu), 0, np.iinfo(self.dtype).max).astype(self.dtype)
 
     def _make(self, index: int, settings: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -1001,7 +1030,7 @@ class SimulatedTomography(_SimulatedSource):
     def frame(self, index: int) -> np.ndarray:
         """Counts of frame ``index``: Poisson around flat x exp(-projection)."""
         mean = self.flat * np.exp(-self.projection(self.angle(index)))
-        counts = self._rng(index, 1).poisson(mean)
+        counts = self._rng(NOISE, index).poisson(mean)
         return np.minimum(counts, np.iinfo(self.dtype).max).astype(self.dtype)
 
     def _make(self, index: int, settings: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

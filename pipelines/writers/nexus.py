@@ -44,6 +44,7 @@ nor corrupts rows.
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import json
 import os
@@ -134,6 +135,28 @@ def _storable_dtype(value: np.ndarray) -> np.dtype:
     return h5py.string_dtype() if value.dtype.kind in "OU" else value.dtype
 
 
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def restore_end_of_file(path: Path) -> None:
+    """Give back a file the length its superblock records.
+
+    A write that failed for lack of space can leave the superblock's end-of-file
+    address beyond the file's real end (the space was reserved, the bytes never
+    written); HDF5 then refuses to open it ("truncated file"). Extending the file to
+    that length (with zeros, over space never used by any flushed object) makes it
+    open again; the rows after the last flush are written again anyway.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(48)
+    # superblock version 2/3 (libver "latest"): base address at 12, end-of-file at 28
+    if len(head) < 36 or not head.startswith(_SIGNATURE) or head[8] not in (2, 3) or head[9] != 8:
+        return
+    base, end = int.from_bytes(head[12:20], "little"), int.from_bytes(head[28:36], "little")
+    if os.path.getsize(path) < base + end:
+        os.truncate(path, base + end)
+
+
 class _Part:
     """One HDF5 file of a scan (the main file or a derived stream's companion)."""
 
@@ -153,10 +176,16 @@ class _Part:
             self.file.close()
         except Exception:  # a handle that failed to write may fail to close; the reopen tells
             pass
+        restore_end_of_file(self.path)
         self.file = h5py.File(self.path, "r+", libver="latest")
         self.live = False
         if swmr:
-            self.file.swmr_mode = True
+            try:
+                self.file.swmr_mode = True
+            except (ValueError, RuntimeError, OSError) as exc:
+                # a handle that died while writing leaves the file marked for SWMR writing
+                if "already in SWMR writing mode" not in str(exc):
+                    raise
             self.live = True
 
     def close(self) -> None:
@@ -585,6 +614,13 @@ class NexusScanFile:
     def recover(self) -> None:
         """After a failed write: reopen, go back to the last flush, write the rest again."""
         snap = self._snapshot
+        # Let go of every object of the old handles before closing them: an h5py object
+        # freed after its file was closed and opened again would release the new one's ids.
+        self.data = self.index = self.valid = self.version = None  # type: ignore[assignment]
+        self.row_sets, self._results = {}, {}
+        for ragged in self.derived.values():
+            ragged.group = None
+        gc.collect()
         self.main.reopen(swmr=snap["live"])
         for stream, ragged in list(self.derived.items()):
             if ragged.part is self.main:
@@ -600,8 +636,6 @@ class NexusScanFile:
                 del self.derived[stream]
         f = self.main.file
         self.data = f[f"entry/{self.stream}"]
-        self.row_sets = {}
-        self._results = {}
         self.rows = snap["rows"]
         self.index = self._row_dataset(self.data, "index", np.dtype("int64"), ())
         self.valid = self._row_dataset(self.data, "valid", np.dtype("bool"), ())

@@ -34,13 +34,13 @@ overview = PanelDescription(
 rates = PanelDescription(
     "Rates",
     floating=False,
-    classname="taurus_pyqtgraph:TaurusTrend",
+    classname="tangopipe_panels:PipelineTrend",
     model=SPEC["trends"]["Rates"],
 )
 queues = PanelDescription(
     "Queues",
     floating=False,
-    classname="taurus_pyqtgraph:TaurusTrend",
+    classname="tangopipe_panels:PipelineTrend",
     model=SPEC["trends"]["Queues"],
 )
 if SPEC["spectrum"]:

@@ -14,9 +14,10 @@ import pyqtgraph as pg
 from taurus.external.qt import QtCore, QtWidgets
 from taurus.qt.qtgui.button import TaurusCommandButton
 from taurus.qt.qtgui.panel import TaurusForm
+from taurus_pyqtgraph import TaurusTrend
 from taurus_pyqtgraph.taurusimageitem import TaurusImageItem
 
-OVERVIEW_COLUMNS = 3
+OVERVIEW_COLUMNS = 2
 
 
 class PipelineOverview(QtWidgets.QScrollArea):
@@ -45,10 +46,32 @@ class PipelineOverview(QtWidgets.QScrollArea):
             layout.setContentsMargins(2, 2, 2, 2)
             form = TaurusForm(box, withButtons=False)
             form.setModel(spec["forms"][device["name"]])
+            form.setMinimumHeight(
+                form.scrollArea.widget().sizeHint().height() + 8
+            )  # every row, no inner scroll
             layout.addWidget(form)
             grid.addWidget(box, n // OVERVIEW_COLUMNS, n % OVERVIEW_COLUMNS, QtCore.Qt.AlignTop)
             self.forms[device["name"]] = form
         self.setWidget(inner)
+
+
+class PipelineTrend(TaurusTrend):
+    """A TaurusTrend whose curves are named "device attribute" (not just the attribute)."""
+
+    def setModel(self, names: Any, **kwargs: Any) -> None:
+        super().setModel(names)
+        for trend_set in self.getTrendSets():
+            model = trend_set.getModelName()
+            path = model.split("://", 1)[-1].split("/")[1:]  # [domain, family, member, attribute]
+            if len(path) < 4:
+                continue
+            label = f"{path[1]}/{path[2]} {path[3]}"
+            trend_set.opts["name"] = label  # for curves made later
+            for curve in trend_set:  # made already by the first read
+                curve.setData(name=label)
+                legend_label = self.getPlotItem().legend.getLabel(curve)
+                if legend_label is not None:
+                    legend_label.setText(label)
 
 
 class LatestImagePanel(QtWidgets.QWidget):

@@ -1,0 +1,155 @@
+"""Storage faults: a full disk or an unwritable folder stops the writer, not the data.
+
+A full disk is simulated with a file-size limit (``RLIMIT_FSIZE``) in a child
+process that runs the pipeline's engines: writes beyond the limit fail as they do
+on a full disk (EFBIG instead of ENOSPC), it needs no privileges and leaves no
+mount behind; raising the limit again is "freeing space". The unwritable folder
+is a path through a regular file, which stops root as well as anyone.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipelines.engine import Health
+from pipelines.sources.simulator import SimulatedDetector
+from pipelines.writers import WriterSettings
+
+from .writer_harness import InProcessPipeline, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAMES = 400
+SHAPE = [128, 128]
+LIMIT = 2 << 20  # bytes a file may have while the "disk" is full; the scan needs ~13 MiB
+
+
+def full_disk_scenario(directory: str) -> None:
+    """Run in a child process: a scan of raw frames into a file that hits the size limit."""
+    import resource
+    import signal
+    import time
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def say(**what):
+        print(json.dumps(what), flush=True)
+
+    source = SimulatedDetector(shape=SHAPE, rate_hz=0, frames=FRAMES)
+    p = InProcessPipeline(
+        groups={"raw": ["passthrough"]}, source=source, capacity=8, retry_s=0.3, outbox_capacity=8, window=32,
+        writers={"hdf5": ("raw", WriterSettings(directory=directory, flush_s=0.1))},
+    )
+    writer = p.writers["hdf5"]
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))
+        p.start_scan(FRAMES)
+        wait_for(lambda: bool(writer.fault), what="the storage fault")
+        time.sleep(1.0)  # what was on its way settles in the buffers
+        acquired = p.master.scan_frames
+        time.sleep(2.0)  # the pipeline waits: nothing more is taken from the source
+        say(
+            state=writer.health.value, status=writer.status, file=writer.last_file, held=len(writer._held),
+            acquired_at_fault=acquired, acquired_later=p.master.scan_frames, written=writer.frames_written,
+            dropped=p.master.stats.dropped, blocked=writer.blocked(),
+        )
+        sys.stdin.readline()  # the parent reads the file meanwhile
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is back
+        p.end_scan()
+        say(state=writer.health.value, written=writer.frames_written, faults=writer.storage_faults,
+            acquired=p.master.scan_frames, dropped=p.master.stats.dropped)
+    finally:
+        p.stop()
+
+
+def test_a_full_disk_holds_the_data_and_the_scan_completes_when_space_is_back(tmp_path):
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"from tests.test_writer_faults import full_disk_scenario; "
+                               f"full_disk_scenario({str(tmp_path / 'data')!r})"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        fault = json.loads(child.stdout.readline() or "{}")
+        assert fault["state"] == "FAULT", fault
+        assert fault["file"] in fault["status"] and "Retrying" in fault["status"]
+        assert fault["blocked"] and fault["held"] >= 1
+        # the pipeline keeps what it holds: the source is held back, nothing is dropped
+        assert fault["acquired_later"] == fault["acquired_at_fault"] < FRAMES and fault["dropped"] == 0
+        source = SimulatedDetector(shape=SHAPE, rate_hz=0, frames=FRAMES)
+        with h5py.File(fault["file"], "r", libver="latest", swmr=True) as f:  # readable during the fault
+            valid = f["entry/raw/valid"][()]
+            images = f["entry/raw/image"]
+            good = np.flatnonzero(valid)
+            assert len(good) > 10 and list(good) == list(range(len(good)))
+            for i in good:
+                np.testing.assert_array_equal(images[i], source.frame(i))
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        done = json.loads(child.stdout.readline() or "{}")
+        assert child.wait(timeout=120) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert done["state"] == "ON" and done["written"] == FRAMES and done["acquired"] == FRAMES
+    assert done["faults"] == 1 and done["dropped"] == 0
+    with h5py.File(fault["file"]) as f:
+        valid = f["entry/raw/valid"][()]
+        assert len(valid) == FRAMES and valid.all()
+        images = f["entry/raw/image"]
+        for i in range(FRAMES):
+            np.testing.assert_array_equal(images[i], source.frame(i))
+        assert f["entry/frames_written"][()] == FRAMES
+    assert [p.name for p in Path(fault["file"]).parent.iterdir()] == [Path(fault["file"]).name]
+
+
+def test_an_unwritable_folder_gives_fault_naming_it_and_nothing_is_lost(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the folder should be")
+    folder = blocker / "data"
+    source = SimulatedDetector(shape=[32, 32], rate_hz=0, frames=60)
+    p = InProcessPipeline(source=source, capacity=4, retry_s=0.2,
+                          writers={"hdf5": ("main", WriterSettings(directory=str(folder)))})
+    writer = p.writers["hdf5"]
+    try:
+        p.start_scan(60)
+        wait_for(lambda: writer.health is Health.FAULT, what="FAULT")
+        assert str(folder) in writer.status and writer.blocked()
+        wait_for(lambda: p.master.scan_frames > 0, what="some frames")
+        held_back = p.master.scan_frames
+        assert held_back < 60 and p.master.stats.dropped == 0
+        assert writer.counters()["HeldMessages"] >= 1
+        blocker.unlink()  # the folder can be made now
+        p.end_scan()
+    finally:
+        p.stop()
+    assert writer.health is Health.ON and writer.frames_written == 60
+    with h5py.File(writer.last_file) as f:
+        assert Path(writer.last_file).parent == folder
+        assert f["entry/main/valid"][()].all() and len(f["entry/main/valid"]) == 60
+        assert f["entry/main/total_sum"][59] == float(source.frame(59).sum(dtype=np.float64))
+
+
+def test_status_and_counters_name_the_fault_in_a_device_friendly_way(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    p = InProcessPipeline(source=SimulatedDetector(shape=[16, 16], rate_hz=0, frames=5), retry_s=60,
+                          writers={"h": ("main", WriterSettings(directory=str(blocker / "d")))})
+    writer = p.writers["h"]
+    try:
+        p.start_scan(5)
+        wait_for(lambda: bool(writer.fault), what="fault")
+        assert writer.counters()["StorageFaults"] == 1
+        assert writer.fault.startswith(f"cannot write {blocker / 'd'}")
+        blocker.unlink()
+        assert writer.call(writer.retry)  # the Tango command Retry: at once, not after RetryPeriod
+        p.end_scan()
+    finally:
+        p.stop()
+    assert writer.frames_written == 5
