@@ -24,7 +24,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check devices pipelines lavue_bridge tests benchmarks
 
 test: lint
-	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
+	./.ci/system-packages.sh
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -p no:cacheprovider -p no:sardana_pool_plugins -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

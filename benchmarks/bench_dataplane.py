@@ -195,15 +195,19 @@ def raw_chain(frames: int, rate_hz: float = 0.0) -> dict[str, Any]:
 
 
 # -- the pipeline --------------------------------------------------------------------------
+SHM_KEYS = ("shared_memory", "use_shm")  # the switch of the same-host fast path, by its possible names
+
+
 def _schema_switches() -> list[tuple[str, ...]]:
-    """Where the pipeline definition lets the shared-memory path be switched (may be none)."""
+    """Where the pipeline definition lets the shared-memory path be switched (may be nowhere)."""
     from pipelines import definition
 
-    switches = []
-    if "use_shm" in definition.MASTER:
-        switches.append(("master", "use_shm"))
-    if "use_shm" in definition.GROUP:
-        switches.append(("groups", "main", "use_shm"))
+    switches: list[tuple[str, ...]] = []
+    for key in SHM_KEYS:
+        if key in definition.MASTER:
+            switches.append(("master", key))
+        if key in definition.GROUP:
+            switches.append(("groups", "main", key))
     return switches
 
 
@@ -294,10 +298,16 @@ class Deployment:
         master = self.proxy(self.definition.master_name)
         before = sink.FramesIn
         master_before = self.counters(self.definition.master_name)
-        detector = Detector(self.detector_port, frames, shape, rate_hz)
         cpu_before = self.cpu_seconds()
+        # the scan first: the detector's series (and its clock, when paced) starts once it is taken
+        master.StartScan(json.dumps({"frames": frames}))
         try:
-            master.StartScan(json.dumps({"frames": frames}))
+            detector = Detector(self.detector_port, frames, shape, rate_hz)
+        except Exception:
+            with contextlib.suppress(Exception):
+                master.EndScan()
+            raise
+        try:
             first = last = None
             deadline = time.monotonic() + timeout
             seen = -1
@@ -400,17 +410,26 @@ def run(quick: bool = False) -> list[dict]:
     n_busy2, n_busy1 = (16, 10) if quick else (100, 60)
     n_latency = 25 if quick else 500
     busy = [{"benchmarks.steps:busy": {"ms": BUSY_MS}}]
-    switches = _schema_switches()
-    raw: list[dict] = []
+    switches = [] if quick else _schema_switches()  # a smoke run takes the default path only
+    raw: dict[str, list[dict]] = {}  # raw chain runs, by the pipeline run they alternate with
     passes: dict[str, list[dict]] = {}
+    latency: dict[str, dict] = {}
     one: list[dict] = []
     two: list[dict] = []
+
+    def pass_through(dep: Deployment, kind: str) -> None:
+        dep.scan(5, BIG)  # warm-up with big frames
+        for _ in range(rounds):  # the raw chain and the pipeline in turn (the pipeline idles meanwhile)
+            raw.setdefault(kind, []).append(raw_chain(n_big))
+            passes.setdefault(kind, []).append(dep.scan(n_big, BIG))
+        latency[kind] = dep.scan(n_latency, BIG, LATENCY_HZ, timeout=n_latency / LATENCY_HZ + 60)
 
     raw_50 = raw_chain(n_latency, LATENCY_HZ)
     with tempfile.TemporaryDirectory(prefix="tangopipe-bench-") as tmp:
         folder = Path(tmp)
         port = _free_port()
-        plain = False if switches else None
+        first = "tcp" if switches else "default"
+        plain = False if switches else None  # switch the fast path off where it can be
         dep = Deployment(folder / "a", write_config(_mkdir(folder / "a"), port, 2, busy, plain), port)
         try:
             dep.scan(4, SMALL)  # warm-up: connections, first allocations
@@ -421,43 +440,40 @@ def run(quick: bool = False) -> list[dict]:
                 dep.stop_worker(2)
                 one.append(dep.scan(n_busy1, SMALL))
             dep.reconfigure([PASS_STEP])
-            dep.scan(5, BIG)
-            kind = "plain" if switches else "default"
-            for _ in range(rounds):  # the raw chain and the pipeline in turn (the pipeline idles meanwhile)
-                raw.append(raw_chain(n_big))
-                passes.setdefault(kind, []).append(dep.scan(n_big, BIG))
-            latency = dep.scan(n_latency, BIG, LATENCY_HZ, timeout=n_latency / LATENCY_HZ + 60)
+            pass_through(dep, first)
         finally:
             dep.down()
         if switches:
             dep = Deployment(folder / "b", write_config(_mkdir(folder / "b"), port, 1, [PASS_STEP], True), port)
             try:
-                dep.scan(5, BIG)
-                for _ in range(rounds):
-                    passes.setdefault("shm", []).append(dep.scan(n_big, BIG))
+                pass_through(dep, "shm")
             finally:
                 dep.down()
 
     rows: list[dict] = []
-    raw_rate = _median(raw)
+    all_raw = [r for runs in raw.values() for r in runs]
+    raw_rate = _median(all_raw)
     rows.append(_row("raw pyzmq chain, 2048x2048 u16", raw_rate, "frames/s", note=(
-        f"detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; {n_big} frames; {_runs(raw)}")))
+        f"detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; {n_big} frames; {_runs(all_raw)}")))
     for kind, results in passes.items():
         took_shm = results[-1]["scan"].get("ShmFrames", 0) > 0
-        label = {"plain": "plain tcp", "shm": "shared memory"}.get(kind, "shared memory" if took_shm else "tcp")
+        label = "shared memory" if took_shm else "tcp"
         note = (f"detector -> master -> 1 worker (first_pixel) -> sorter -> sink; {n_big} frames; {_runs(results)}; "
-                f"ratio: median of per-round ratios; {_shm_note(results[-1])}{_check(results[-1], n_big)}")
-        ratio = _paired_ratio(results, raw) if kind != "shm" else None
+                f"ratio: median of per-round ratios to the raw run beside it; {_shm_note(results[-1])}"
+                f"{_check(results[-1], n_big)}")
         rows.append(_row(f"tangopipe pass-through, {label}", _median(results), "frames/s", raw_rate,
-                         ">= 1.5x raw" if took_shm else ">= 0.8x raw", note, ratio))
+                         ">= 1.5x raw" if took_shm else ">= 0.8x raw", note, _paired_ratio(results, raw[kind])))
     if not switches:
+        why = "a smoke run takes the default path only" if quick else "the pipeline definition has no switch for it"
         rows.append(_row("tangopipe pass-through, other path", None, "frames/s", note=(
-            "not measured: the pipeline definition has no use_shm switch (the row above says which path was taken)")))
-    raw_cpu = statistics.median(_cpu_sum(r) for r in raw)
-    pass_results = next(iter(passes.values()))
-    rows.append(_row("CPU per frame, raw chain", raw_cpu, "ms", note=_cpu_note(raw[-1])))
-    rows.append(_row("CPU per frame, pass-through", statistics.median(_cpu_sum(r) for r in pass_results), "ms", raw_cpu,
-                     "", f"all processes, user + system; {_cpu_note(pass_results[-1])}"))
+            f"not measured: {why} (the row above says which path the frames took)")))
+    raw_cpu = statistics.median(_cpu_sum(r) for r in all_raw)
+    rows.append(_row("CPU per frame, raw chain", raw_cpu, "ms", note="median of the runs, all processes, user + "
+                     "system; last run: " + _cpu_note(all_raw[-1])))
+    for results in passes.values():
+        label = "shared memory" if results[-1]["scan"].get("ShmFrames", 0) else "tcp"
+        rows.append(_row(f"CPU per frame, pass-through, {label}", statistics.median(_cpu_sum(r) for r in results),
+                         "ms", raw_cpu, "", "last run: " + _cpu_note(results[-1])))
     ideal = 1000.0 / BUSY_MS
     rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 1 worker", _median(one), "frames/s", ideal, "", (
         f"256x256 frames, {n_busy1} frames; {_runs(one)}; baseline: 1000/{BUSY_MS:g} ms; "
@@ -466,12 +482,14 @@ def run(quick: bool = False) -> list[dict]:
                      ">= 1.8x 1 worker", (
                          f"{n_busy2} frames; {_runs(two)}; baseline: 1 worker; ratio: median of per-round ratios; "
                          f"{_cpu_note(two[-1])}{_check(two[-1], n_busy2)}"), _paired_ratio(two, one)))
-    sink = latency["sink"]
-    note = (f"{n_latency} frames at {LATENCY_HZ:g} Hz, 1 worker (first_pixel); master acquisition -> sink; "
-            f"baseline: detector -> consumer of the raw chain{_check(latency, n_latency)}")
-    rows.append(_row(f"latency p50 at {LATENCY_HZ:g} Hz", sink["LatencyP50Ms"], "ms", raw_50["p50_ms"], "", note))
-    rows.append(_row(f"latency p99 at {LATENCY_HZ:g} Hz", sink["LatencyP99Ms"], "ms", raw_50["p99_ms"], "", (
-        f"sorter p50/p99: {latency['sorter']['LatencyP50Ms']:.1f}/{latency['sorter']['LatencyP99Ms']:.1f} ms")))
+    for result in latency.values():
+        label = "shared memory" if result["scan"].get("ShmFrames", 0) else "tcp"
+        sink, sorter = result["sink"], result["sorter"]
+        rows.append(_row(f"latency p50 at {LATENCY_HZ:g} Hz, {label}", sink["LatencyP50Ms"], "ms", raw_50["p50_ms"],
+                         "", f"{n_latency} frames, 1 worker (first_pixel); master acquisition -> sink; baseline: "
+                         f"detector -> consumer of the raw chain{_check(result, n_latency)}"))
+        rows.append(_row(f"latency p99 at {LATENCY_HZ:g} Hz, {label}", sink["LatencyP99Ms"], "ms", raw_50["p99_ms"],
+                         "", f"sorter p50/p99: {sorter['LatencyP50Ms']:.1f}/{sorter['LatencyP99Ms']:.1f} ms"))
     return rows
 
 

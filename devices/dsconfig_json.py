@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from pipelines import definition as schema
 from pipelines.definition import DefinitionError, PipelineDefinition, load_definition
 
 MIB = 1 << 20
@@ -387,8 +388,41 @@ def from_dsconfig(config: dict[str, Any], where: str = "<dsconfig>") -> tuple[di
     for devices in by_class.values():
         for device in devices:
             warnings.extend(device.unused())
+    data = _without_defaults(data)
     PipelineDefinition(data, where)  # everything a definition checks (steps, sources, groups)
     return data, warnings
+
+
+def _drop_defaults(values: dict[str, Any], keys: dict[str, tuple]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        default = keys[key][1] if key in keys else schema.REQUIRED
+        if default is schema.REQUIRED or value != default or type(value) is not type(default):
+            out[key] = value
+    return out
+
+
+def _without_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Only what differs from the definition's defaults (some keys are refused where they do
+    not apply, e.g. a NeXus writer's ``results``), so the file reads like a hand-written one."""
+    out = _drop_defaults(data, schema.TOP)
+    out["master"] = _drop_defaults(data["master"], schema.MASTER)
+    out["groups"] = {}
+    for group, settings in data["groups"].items():
+        settings = _drop_defaults(settings, schema.GROUP)
+        sorter = _drop_defaults(settings.pop("sorter", {}), schema.SORTER)
+        if sorter:
+            settings["sorter"] = sorter
+        out["groups"][group] = settings
+    if "sink" in data:
+        out["sink"] = _drop_defaults(data["sink"], schema.SINK)
+        lavue = _drop_defaults(out["sink"].pop("lavue", {}), schema.LAVUE)
+        if lavue:
+            out["sink"]["lavue"] = lavue
+    for key, keys in (("writers", schema.WRITER), ("lavue_bridges", schema.LAVUE_BRIDGE)):
+        if key in data:
+            out[key] = {name: _drop_defaults(values, keys) for name, values in data[key].items()}
+    return {k: v for k, v in out.items() if v != {} or k in ("master", "groups")}
 
 
 def load_dsconfig(path: str | Path) -> dict[str, Any]:

@@ -101,7 +101,7 @@ class PipelineSink(PipelineDevice):
 
     def extra_event_value(self, name: str) -> Any:
         if name == "LatestIndex":
-            return self.read_LatestIndex()
+            return self.latest_index()
         return None
 
     def _push_events(self) -> None:
@@ -113,9 +113,9 @@ class PipelineSink(PipelineDevice):
                 self._last_image_event = now
                 self._image_event_index = latest.index
                 try:
-                    self.push_change_event("LatestImage", self.read_LatestImage())
-                    self.push_change_event("LatestScalars", self.read_LatestScalars())
-                    self.push_change_event("LatestSpectrum", self.read_LatestSpectrum())
+                    self.push_change_event("LatestImage", self.latest_image())
+                    self.push_change_event("LatestScalars", self.latest_scalars())
+                    self.push_change_event("LatestSpectrum", self.latest_spectrum())
                 except tango.DevFailed:
                     pass
 
@@ -159,6 +159,9 @@ class PipelineSink(PipelineDevice):
         dtype=((np.float32,),), max_dim_x=8192, max_dim_y=8192, doc="newest image-like result (first 2D array)"
     )
     def LatestImage(self) -> np.ndarray:
+        return self.latest_image()
+
+    def latest_image(self) -> np.ndarray:
         image = self.engine.latest_image() if self.engine else None
         return np.zeros((0, 0), np.float32) if image is None else image.astype(np.float32, copy=False)
 
@@ -167,6 +170,9 @@ class PipelineSink(PipelineDevice):
         doc="newest 1D result (property SpectrumResult names it; else the first 1D array that is not an axis)",
     )  # fmt: skip
     def LatestSpectrum(self) -> np.ndarray:
+        return self.latest_spectrum()
+
+    def latest_spectrum(self) -> np.ndarray:
         latest = self.engine.latest() if self.engine else None
         wanted = self.SpectrumResult.strip()
         found = [
@@ -179,6 +185,9 @@ class PipelineSink(PipelineDevice):
 
     @attribute(dtype=str, doc="scalar results of the newest frame, JSON: {name: value}")
     def LatestScalars(self) -> str:
+        return self.latest_scalars()
+
+    def latest_scalars(self) -> str:
         latest = self.engine.latest() if self.engine else None
         if latest is None:
             return "{}"
@@ -186,6 +195,9 @@ class PipelineSink(PipelineDevice):
 
     @attribute(dtype=int, doc="acquisition index of the newest result (-1: none yet)")
     def LatestIndex(self) -> int:
+        return self.latest_index()
+
+    def latest_index(self) -> int:
         latest = self.engine.latest() if self.engine else None
         return -1 if latest is None or latest.index is None else latest.index
 

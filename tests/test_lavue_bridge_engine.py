@@ -23,6 +23,7 @@ from pipelines.master import MasterEngine  # noqa: E402
 from pipelines.sorter import SorterEngine  # noqa: E402
 from pipelines.sources.simulator import SimulatedDetector  # noqa: E402
 from pipelines.steps import StepChain, load_step  # noqa: E402
+from pipelines.steps.azimuthal import Caking  # noqa: E402
 from pipelines.steps.maps import MapAssembler  # noqa: E402
 from pipelines.worker import WorkerEngine  # noqa: E402
 
@@ -152,9 +153,7 @@ def test_caked_and_binned_images_carry_axes_and_geometry_lavue_reads(views, tmp_
     expected = chain(views.source.frame(index), {})
     np.testing.assert_array_equal(cake, expected["cake"].T)  # (azimuth, radial) sent as Lavue draws it
     # the axes are those the caking step itself gives Lavue (x = radial columns, y = chi rows)
-    step = load_step(steps(str(views.poni))[1])
-    step(views.source.frame(0), {})
-    own = step.lavue_metadata()
+    own = Caking(**steps(str(views.poni))[1]["azimuthal2d"]).lavue_metadata()
     assert cake_meta["axisscales"] == pytest.approx(own["axisscales"], rel=1e-9, abs=1e-9)
     assert cake_meta["axislabels"] == ["q", "chi", "nm^-1", "deg"] == own["axislabels"]
     assert cake_meta["wavelength"] == [pytest.approx(1.2), "A"]

@@ -47,7 +47,9 @@ def test_a_bad_point_report_is_refused_naming_what_is_wrong(body, named):
 
 
 def test_a_point_report_keeps_numbers_and_turns_non_finite_into_none():
-    index, positions, scan = parse_point({"index": 4, "positions": {"a": 1, "b": math.nan, "c": None}, "scan": 9})
+    index, positions, scan = parse_point(
+        {"index": 4, "positions": {"a": 1, "b": math.nan, "c": None}, "scan": 9}
+    )
     assert (index, scan) == (4, 9)
     assert positions == {"a": 1.0, "b": None, "c": None}
 
@@ -92,7 +94,9 @@ def test_too_many_positions_are_left_out_of_the_scan_end_and_said_so():
 def flow(tmp_path):
     points = PointPositions()
     box = {}
-    source = PointTriggeredSource(SimulatedDetector(shape=[32, 32], rate_hz=0), points, lambda: box["master"].scan_id)
+    source = PointTriggeredSource(
+        SimulatedDetector(shape=[32, 32], rate_hz=0), points, lambda: box["master"].scan_id
+    )
     master = box["master"] = MasterEngine(source, queue_capacity=16)
     master.bind_now()
     sorter = SorterEngine(gap_timeout_s=2.0)

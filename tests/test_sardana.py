@@ -20,11 +20,13 @@ import pytest
 import tango
 import yaml
 from sardana.tango.core.util import register_sardana
+from tango.test_context import DeviceTestContext
 
 from devices.database import pid_alive, stop_process
 from devices.sardana_cli import DEFGH_LINES, macro_folder
+from devices.sink import PipelineSink
 
-from .conftest import BIN, ROOT, Deployed, demo_config, pids_alive
+from .conftest import BIN, ROOT, Deployed, demo_config, pids_alive, tangopipe, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +55,14 @@ class Beamline:
         self.pipeline = Deployed(folder, small_pipeline(folder))
         self.host = self.pipeline.tango_host
         self.sardana_pid = 0
+        self.subscription = None
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         hostname, _, port = self.host.rpartition(":")
         self.db = tango.Database(hostname, int(port))
         # the sink's scalar results as attributes: property, then Init
@@ -91,7 +101,9 @@ class Beamline:
             time.sleep(0.3)
         door.set_timeout_millis(10000)
         self.statuses: list[dict] = []  # MacroStatus events: [{"id", "state", ...}]
-        door.subscribe_event("MacroStatus", tango.EventType.CHANGE_EVENT, self._on_macro_status)
+        self.subscription = door.subscribe_event(
+            "MacroStatus", tango.EventType.CHANGE_EVENT, self._on_macro_status
+        )
         return door
 
     def _on_macro_status(self, event) -> None:
@@ -104,13 +116,18 @@ class Beamline:
         macro_id = re.search(r'id="([^"]+)"', xml).group(1)
         deadline = time.monotonic() + timeout
         while True:
-            final = [s["state"] for s in list(self.statuses) if s.get("id") == macro_id and s["state"] in FINAL]
+            final = [
+                s["state"] for s in list(self.statuses) if s.get("id") == macro_id and s["state"] in FINAL
+            ]
             if final and self.door.State() != tango.DevState.RUNNING:
                 break
             if time.monotonic() > deadline:
                 raise AssertionError(f"macro {macro} still running after {timeout} s")
             time.sleep(0.05)
-        logs = {level: list(self.door.read_attribute(level).value or ()) for level in ("Output", "Warning", "Error")}
+        logs = {
+            level: list(self.door.read_attribute(level).value or ())
+            for level in ("Output", "Warning", "Error")
+        }
         return {"state": final[-1], **logs}
 
     def setup_scans(self) -> None:
@@ -131,6 +148,8 @@ class Beamline:
 
     def close(self) -> None:
         pids = []
+        if self.subscription is not None:
+            self.door.unsubscribe_event(self.subscription)
         if self.sardana_pid:
             stop_process(self.sardana_pid)
             pids.append(self.sardana_pid)
@@ -276,7 +295,10 @@ def test_master_down_warns_and_the_scan_goes_on_or_aborts_when_asked(beamline):
     info.name, info._class, info.server = "demo/master/down", "PipelineMaster", "PipelineMaster/down"
     beamline.db.add_device(info)
     before = len(spec_scans(beamline.scan_dir / "scans.dat"))
-    assert beamline.run("senv", "TangopipeMaster", f"tango://{beamline.host}/demo/master/down")["state"] == "finish"
+    assert (
+        beamline.run("senv", "TangopipeMaster", f"tango://{beamline.host}/demo/master/down")["state"]
+        == "finish"
+    )
     try:
         result = beamline.run("ascan", "mot01", "0", "1", "2", "0.05")
         assert result["state"] == "finish", result
@@ -296,3 +318,26 @@ def test_master_down_warns_and_the_scan_goes_on_or_aborts_when_asked(beamline):
         beamline.run("senv", "TangopipeMaster", f"tango://{beamline.host}/demo/master/1")
         beamline.db.delete_server("PipelineMaster/down")
     assert not beamline.master.ScanOpen
+
+
+def test_sardana_path_prints_the_folder_of_the_hook_macros(tmp_path):
+    out = tangopipe(
+        "sardana-path", "--setup", "--master", "demo/master/1", env=user_env(tmp_path), cwd=tmp_path
+    )
+    folder = Path(out.stdout.splitlines()[0])
+    assert (folder / "tangopipe_hooks.py").is_file()
+    assert "senv TangopipeMaster demo/master/1" in out.stdout
+    assert all(line in out.stdout for line in DEFGH_LINES)
+
+
+def test_scalar_attributes_are_named_after_results_and_a_clash_gives_fault_naming_it():
+    properties = {"ScalarAttributes": ["hits/count", "2theta_peak"], "LavuePort": -1}
+    with DeviceTestContext(PipelineSink, process=True, properties=properties, timeout=60) as dev:
+        assert {"hits_count", "r_2theta_peak"} <= {a.lower() for a in dev.get_attribute_list()}
+        assert math.isnan(dev.hits_count)  # no result yet
+        assert dev.get_attribute_config("hits_count").data_format == tango.AttrDataFormat.SCALAR
+    properties = {"ScalarAttributes": ["center_sum", "State"], "LavuePort": -1}
+    with DeviceTestContext(PipelineSink, process=True, properties=properties, timeout=60) as dev:
+        assert dev.state() == tango.DevState.FAULT
+        assert "ScalarAttributes" in dev.status() and "'State'" in dev.status()
+        assert "center_sum" not in dev.get_attribute_list()  # all or nothing

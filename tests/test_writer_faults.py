@@ -23,9 +23,9 @@ from pipelines.writers import WriterSettings
 from .writer_harness import InProcessPipeline, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-FRAMES = 400
-SHAPE = [128, 128]
-LIMIT = 2 << 20  # bytes a file may have while the "disk" is full; the scan needs ~13 MiB
+FRAMES = 240
+SHAPE = [512, 512]
+LIMIT = 8 << 20  # bytes a file may have while the "disk" is full; the scan needs ~120 MiB
 
 
 def full_disk_scenario(directory: str) -> None:

@@ -38,6 +38,7 @@ import math
 
 import tango
 from sardana.macroserver.macro import Macro
+from sardana.macroserver.msexception import UnknownEnv
 
 MASTER_ENV = "TangopipeMaster"
 ABORT_ENV = "TangopipeAbortOnError"
@@ -52,7 +53,7 @@ _STATE = "_tangopipe"
 def _env(macro, key, default=None):
     try:
         return macro.getEnv(key)
-    except Exception:  # UnknownEnv: the variable is not set
+    except UnknownEnv:
         return default
 
 
@@ -68,7 +69,8 @@ def _scan_of(macro):
     parent = macro.getParentMacro()
     if parent is None:
         return None, None
-    return parent, getattr(parent, "_gScan", None) or getattr(parent, "gscan", None)
+    gscan = getattr(parent, "_gScan", None)
+    return parent, gscan if gscan is not None else getattr(parent, "gscan", None)
 
 
 def _state(gscan):

@@ -778,7 +778,7 @@ class SimulatedHits(_SimulatedSource):
         dtype: str = "uint16",
         pedestal: float = 1000.0,
         gain: float = 10.0,
-        read_noise: float = 2.0,
+        read_noise: float = 1.0,
         background: float = 0.05,
         ring_radius: float | None = None,
         ring_photons: float = 0.5,

@@ -19,7 +19,10 @@ engine is FAULT with a status naming the path, and the write is retried every
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import resource
 import string
 import time
 from collections import deque
@@ -73,13 +76,44 @@ class SettingError(ValueError):
 
 
 class StorageError(RuntimeError):
-    """Writing to ``path`` failed for a reason outside the data (disk full, permissions)."""
+    """Writing to ``path`` failed for a reason outside the data (disk full, permissions).
+
+    Only the text of the cause is kept: its traceback holds objects of the file that
+    failed (h5py datasets), which must be let go now, not at some later collection.
+    """
 
     def __init__(self, path: Path | str, cause: BaseException):
         reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0][:200]
         super().__init__(f"cannot write {path}: {reason}")
         self.path = str(path)
-        self.cause = cause
+
+
+SPACE_MARGIN = 1 << 20  # room kept free for metadata when checking space
+
+
+class StorageFull(OSError):
+    """No room for what is about to be written (found before writing anything)."""
+
+
+def check_space(path: Path, needed: int, size: int | None = None) -> None:
+    """Raise :class:`StorageFull` naming ``path`` when ``needed`` more bytes will not fit,
+    on the file system or under the process's file-size limit (``size``: the file's
+    size as its writer sees it; default: on disk).
+
+    Checked before writing, so that a full disk stops a writer cleanly instead of
+    failing inside a library (HDF5) whose state after a failed write is fragile.
+    """
+    st = os.statvfs(path.parent)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise StorageFull(errno.ENOSPC, f"No space left on device ({free >> 20} MiB free, {needed >> 20} MiB needed)",
+                          str(path))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        if size is None:
+            size = path.stat().st_size if path.exists() else 0
+        if size + needed > limit:
+            raise StorageFull(errno.EFBIG, f"File too large (size limit {limit >> 20} MiB reached)", str(path))
 
 
 def check_pattern(pattern: str, kind: str = "nexus") -> str:
@@ -345,10 +379,9 @@ class WriterEngine(ConsumerEngine):
     def _flush(self, force: bool = False) -> bool:
         assert self.file is not None
         try:
-            self.file.flush(self.settings.flush_s, force)
-        except (OSError, RuntimeError) as exc:
-            self._mark_broken()
-            self._storage_fault(StorageError(self.file.path, exc))
+            self._guarded(self.file.path, lambda: self.file.flush(self.settings.flush_s, force))
+        except StorageError as exc:
+            self._storage_fault(exc)
             return False
         return True
 
@@ -362,9 +395,13 @@ class WriterEngine(ConsumerEngine):
             return action()
         except StorageError:
             raise
+        except StorageFull as exc:  # found before writing: the file is as it was
+            error = StorageError(path, exc)
         except (OSError, RuntimeError) as exc:
             self._mark_broken()
-            raise StorageError(path, exc) from exc
+            error = StorageError(path, exc)
+            exc.__traceback__ = None  # free the failed call's objects while the file is as it failed
+        raise error
 
     def handle(self, msg: m.Message) -> None:
         if msg.kind == m.SCAN_START:

@@ -56,6 +56,7 @@ import h5py
 import numpy as np
 
 from .. import message as m
+from . import SPACE_MARGIN, check_space
 
 RAW_RESULT = "image"  # the passthrough step's result: the raw frame
 COMPRESSIONS = ("none", "gzip", "bslz4")
@@ -136,8 +137,6 @@ def _storable_dtype(value: np.ndarray) -> np.dtype:
 
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
 def restore_end_of_file(path: Path) -> None:
     """Give back a file the length its superblock records.
 
@@ -282,6 +281,7 @@ class NexusScanFile:
         compression: str = "none",
         save_raw: bool = True,
         max_unflushed_bytes: int = 64 << 20,
+        space_margin: int | None = SPACE_MARGIN,
     ):
         self.path = Path(path)
         self.swmr = swmr
@@ -289,6 +289,7 @@ class NexusScanFile:
         self.compression = compression
         self.save_raw = save_raw
         self.max_unflushed_bytes = max_unflushed_bytes
+        self.space_margin = space_margin  # None: no check (tests of the recovery itself)
         self.scan = start.scan
         self.stream = start.stream or "results"
         self.start_meta = dict(start.meta)
@@ -308,6 +309,7 @@ class NexusScanFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists; tangopipe never overwrites a scan file")
+        self._check_space(0)
         self.main = _Part(self.path)
         try:
             self._make_structure(pipeline, start)
@@ -517,6 +519,16 @@ class NexusScanFile:
         """The file of derived stream ``stream`` when writing with SWMR."""
         return self.path.with_name(f"{self.path.stem}-{stream}{self.path.suffix}")
 
+    def _check_space(self, nbytes: int) -> None:
+        """Room for ``nbytes`` more, what is not flushed yet and the margin (see :func:`check_space`)."""
+        if self.space_margin is None:
+            return
+        size = None
+        main = getattr(self, "main", None)
+        if main is not None and main.file.id.valid:
+            size = main.file.id.get_filesize()  # HDF5's end of allocation: ahead of the bytes on disk
+        check_space(self.path, nbytes + self._log_bytes + self.space_margin, size)
+
     def _parts(self) -> list[_Part]:
         return [self.main] + [r.part for r in self.derived.values() if r.part is not self.main]
 
@@ -534,6 +546,7 @@ class NexusScanFile:
         row = msg.index
         if row < self.rows:
             raise ValueError(f"index {row} written twice or out of order (next row {self.rows})")
+        self._check_space(msg.nbytes())
         if msg.kind == m.RESULT and not self.declared:
             self._declare(msg)
         for ds in self.row_sets.values():
@@ -614,6 +627,7 @@ class NexusScanFile:
     def recover(self) -> None:
         """After a failed write: reopen, go back to the last flush, write the rest again."""
         snap = self._snapshot
+        self._check_space(0)  # closing a broken handle flushes; only once there is room
         # Let go of every object of the old handles before closing them: an h5py object
         # freed after its file was closed and opened again would release the new one's ids.
         self.data = self.index = self.valid = self.version = None  # type: ignore[assignment]
