@@ -95,6 +95,7 @@ SINK_KEYS = {
     "QueryPort": ("query_port", _int),
     "SpectrumResult": ("spectrum_result", str),
     "ImageEventRateHz": ("image_event_rate_hz", float),
+    "ScalarAttributes": ("scalar_attributes", _names),
 }
 LAVUE_KEYS = {"LavuePort": ("port", _int), "LavueMaxRateHz": ("max_rate_hz", float)}
 WRITER_KEYS = {

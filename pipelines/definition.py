@@ -85,6 +85,7 @@ SINK = {
     "query_port": (PortNumber, 0, "port of the sink's query port (0: any free port)"),
     "spectrum_result": (str, "", "1D result shown as LatestSpectrum (empty: the first 1D array result)"),
     "image_event_rate_hz": (float, 2.0, "LatestImage/LatestSpectrum change events per second at most"),
+    "scalar_attributes": (list, [], "scalar results published as Tango attributes of their own (scan columns)"),
 }
 LAVUE_BRIDGE = {
     "group": (Name, REQUIRED, "the worker group whose sorter feeds the bridge (raw frames: a passthrough group)"),
@@ -191,7 +192,7 @@ class DeviceSpec:
         """Properties as Tango stores them: lists of strings (JSON for structures)."""
         out = {}
         for key, value in self.properties.items():
-            if isinstance(value, dict | list) and key not in ("Groups", "Topics"):
+            if isinstance(value, dict | list) and key not in ("Groups", "Topics", "ScalarAttributes"):
                 out[key] = [json.dumps(value)]
             elif isinstance(value, list):
                 out[key] = [str(v) for v in value]
@@ -393,6 +394,7 @@ class PipelineDefinition:
                         "LavuePort": self.sink["lavue"]["port"],
                         "LavueMaxRateHz": self.sink["lavue"]["max_rate_hz"],
                         "QueryPort": self.sink["query_port"],
+                        "ScalarAttributes": self.sink["scalar_attributes"],
                         "SpectrumResult": self.sink["spectrum_result"],
                         "ImageEventRateHz": self.sink["image_event_rate_hz"],
                         **self.scan_file_properties(self.sink["group"]),

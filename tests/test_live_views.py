@@ -116,7 +116,11 @@ def counters(dev) -> dict:
 
 
 class Scan:
-    """StartScan on the master; ``finish()`` waits until every consumer has seen the end."""
+    """StartScan on the master; ``finish()`` waits until every consumer has seen the end.
+
+    Scan ids must not repeat (the sorter drops a repeated (scan, index) as a
+    duplicate): tests give ids 1000 apart, the scans between take the next ones.
+    """
 
     def __init__(self, live, frames: int, **meta):
         self.live = live
@@ -198,7 +202,7 @@ def test_every_dtype_reaches_lavue_exactly_and_upright(live, tmp_path):
         lavue.watch(topic)
     try:
         Scan(live, 4).finish()  # the subscriptions are live from here on
-        scan = Scan(live, 60, scan_id=101)
+        scan = Scan(live, 60, scan_id=1000)
         got = images_of_scan(lavue, scan.id, topics)
         scan.finish()
     finally:
@@ -210,7 +214,7 @@ def test_every_dtype_reaches_lavue_exactly_and_upright(live, tmp_path):
         assert image.dtype == wire, name  # byte order included
         assert image.shape == (SHAPE[1], SHAPE[0]), name  # (columns, rows): Lavue draws axis 0 across
         np.testing.assert_array_equal(image, expected.T.astype(wire), err_msg=name)
-        assert frame_name == f"scan 101 #{meta['index']}"
+        assert frame_name == f"scan 1000 #{meta['index']}"
     # upright: the same image read by Lavue's file source (which transposes) looks the same
     image, _, meta = got["main.img_uint16"]
     path = tmp_path / "frame.h5"
@@ -232,13 +236,13 @@ def test_metadata_lavue_uses_arrives_with_each_frame(live):
     motors = {"samy": [0.0, 2.0], "samx": [10.0, 13.5]}
     try:
         Scan(live, 4).finish()
-        scan = Scan(live, 40, scan_id=102, scan_shape=[5, 8], motors=motors)
+        scan = Scan(live, 40, scan_id=2000, scan_shape=[5, 8], motors=motors)
         got = images_of_scan(lavue, scan.id, topics)
         scan.finish()
     finally:
         lavue.close()
     cake, name, meta = got["main.c_cake"]
-    assert name == f"scan 102 #{meta['index']}" and cake.shape == (40, 36)  # (radial, chi) as Lavue draws it
+    assert name == f"scan 2000 #{meta['index']}" and cake.shape == (40, 36)  # (radial, chi) as Lavue draws it
     assert meta["axislabels"] == ["2theta", "chi", "deg", "deg"]
     assert len(meta["axisscales"]) == 4 and meta["axisscales"][2] > 0 and meta["axisscales"][3] > 0
     assert meta["wavelength"] == [pytest.approx(1.0), "A"] and meta["detector_distance"] == [pytest.approx(50.0), "mm"]
@@ -420,7 +424,7 @@ def test_taurus_gui_shows_live_values_by_events_and_saves_a_screenshot(live, tmp
                 raise AssertionError(f"GUI stuck in phase {result['phase']}: {result['seen']}")
             if result["phase"] == "first values" and agree():
                 result["before"] = master.ScanFrames
-                result["scan"] = master.StartScan(json.dumps({"frames": 30, "scan_id": 555}))
+                result["scan"] = master.StartScan(json.dumps({"frames": 30, "scan_id": 5000}))
                 result["phase"] = "scan"
             elif result["phase"] == "scan" and not master.Acquiring:
                 master.EndScan()
@@ -447,7 +451,7 @@ def test_taurus_gui_shows_live_values_by_events_and_saves_a_screenshot(live, tmp
     gui.close()
     if result["error"] is not None:
         raise result["error"]
-    assert result["scan"] == "555"
+    assert result["scan"] == "5000"
     # every attribute the GUI shows came by events, none by Taurus' slow polling
     assert result["events"] and all(result["events"].values()), [m for m, ok in result["events"].items() if not ok]
     assert result["image_shape"] == tuple(SHAPE)

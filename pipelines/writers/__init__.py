@@ -318,6 +318,7 @@ class WriterEngine(ConsumerEngine):
         self._held: deque[m.Message] = deque()
         self.fault = ""  # the storage fault being retried ("" when none)
         self._retry_at = 0.0
+        self._retrying = False
         self.storage_faults = 0
 
     # settings kept as attributes for callers of the earlier engine
@@ -448,7 +449,7 @@ class WriterEngine(ConsumerEngine):
 
     # -- storage faults ------------------------------------------------------------------
     def _storage_fault(self, exc: StorageError) -> None:
-        first = not self.fault
+        first = not self.fault and not self._retrying
         self.fault = str(exc)
         self.storage_faults += first
         self.stats.errors += first
@@ -473,14 +474,21 @@ class WriterEngine(ConsumerEngine):
             except StorageError as exc:
                 self._storage_fault(exc)
                 return False
-        self.fault = ""
-        self.log.info("storage works again; writing %d held messages", len(self._held))
-        if file is not None:
-            self.set_health(Health.RUNNING, f"Scan {self.current_scan}: writing {self.last_file}")
-        else:
-            self.set_health(Health.ON, "Storage works again")
-        self._drain()
-        return not self.fault
+        fault, self.fault = self.fault, ""
+        self._retrying = True
+        try:
+            self._drain()
+        finally:
+            self._retrying = False
+        if self.fault:
+            return False
+        self.log.info("storage works again after: %s", fault)
+        if self.health is Health.FAULT:
+            if self.file is not None:
+                self.set_health(Health.RUNNING, f"Scan {self.current_scan}: writing {self.last_file}")
+            else:
+                self.set_health(Health.ON, f"Storage works again; last file {self.last_file}")
+        return True
 
     def idle(self) -> None:
         if self.fault:
