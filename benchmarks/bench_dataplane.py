@@ -75,10 +75,28 @@ class Detector:
     """The stream detector as its own process, sending one series."""
 
     def __init__(self, port: int, frames: int, shape: tuple[int, int], rate_hz: float = 0.0):
-        cmd = [sys.executable, "-m", "pipelines.sources.stream", "--port", str(port), "--frames", str(frames),
-               "--shape", str(shape[0]), str(shape[1]), "--rate-hz", str(rate_hz), "--timeout-s", "60"]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipelines.sources.stream",
+            "--port",
+            str(port),
+            "--frames",
+            str(frames),
+            "--shape",
+            str(shape[0]),
+            str(shape[1]),
+            "--rate-hz",
+            str(rate_hz),
+            "--timeout-s",
+            "60",
+        ]
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        )
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         line = self.proc.stdout.readline()
         if "sending on" not in line:
             self.stop()
@@ -322,8 +340,10 @@ class Deployment:
                 if count >= frames:
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"scan: the sink has {count} of {frames} results after {timeout:.0f} s")
-                time.sleep(0.025)
+                    raise RuntimeError(
+                        f"scan: the sink has {count} of {frames} results after {timeout:.0f} s"
+                    )
+                time.sleep(0.05)
             cpu = {k: v - cpu_before.get(k, 0.0) for k, v in self.cpu_seconds().items()}
             acquired = master.EndScan()
             detector.finish()
@@ -397,7 +417,9 @@ def _runs(results: list[dict]) -> str:
 
 def _paired_ratio(results: list[dict], baselines: list[dict]) -> float:
     """Median over rounds of result / baseline measured next to it (robust to a drifting machine load)."""
-    return statistics.median(r["frames_per_s"] / b["frames_per_s"] for r, b in zip(results, baselines, strict=True))
+    return statistics.median(
+        r["frames_per_s"] / b["frames_per_s"] for r, b in zip(results, baselines, strict=True)
+    )
 
 
 def _cpu_sum(result: dict) -> float:
@@ -444,7 +466,9 @@ def run(quick: bool = False) -> list[dict]:
         finally:
             dep.down()
         if switches:
-            dep = Deployment(folder / "b", write_config(_mkdir(folder / "b"), port, 1, [PASS_STEP], True), port)
+            dep = Deployment(
+                folder / "b", write_config(_mkdir(folder / "b"), port, 1, [PASS_STEP], True), port
+            )
             try:
                 pass_through(dep, "shm")
             finally:
@@ -453,43 +477,122 @@ def run(quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     all_raw = [r for runs in raw.values() for r in runs]
     raw_rate = _median(all_raw)
-    rows.append(_row("raw pyzmq chain, 2048x2048 u16", raw_rate, "frames/s", note=(
-        f"detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; {n_big} frames; {_runs(all_raw)}")))
+    rows.append(
+        _row(
+            "raw pyzmq chain, 2048x2048 u16",
+            raw_rate,
+            "frames/s",
+            note=(
+                f"detector -> relay -> consumer processes, PUSH/PULL tcp, zero-copy; {n_big} frames; {_runs(all_raw)}"
+            ),
+        )
+    )
     for kind, results in passes.items():
         took_shm = results[-1]["scan"].get("ShmFrames", 0) > 0
         label = "shared memory" if took_shm else "tcp"
-        note = (f"detector -> master -> 1 worker (first_pixel) -> sorter -> sink; {n_big} frames; {_runs(results)}; "
-                f"ratio: median of per-round ratios to the raw run beside it; {_shm_note(results[-1])}"
-                f"{_check(results[-1], n_big)}")
-        rows.append(_row(f"tangopipe pass-through, {label}", _median(results), "frames/s", raw_rate,
-                         ">= 1.5x raw" if took_shm else ">= 0.8x raw", note, _paired_ratio(results, raw[kind])))
+        note = (
+            f"detector -> master -> 1 worker (first_pixel) -> sorter -> sink; {n_big} frames; {_runs(results)}; "
+            f"ratio: median of per-round ratios to the raw run beside it; {_shm_note(results[-1])}"
+            f"{_check(results[-1], n_big)}"
+        )
+        rows.append(
+            _row(
+                f"tangopipe pass-through, {label}",
+                _median(results),
+                "frames/s",
+                raw_rate,
+                ">= 1.5x raw" if took_shm else ">= 0.8x raw",
+                note,
+                _paired_ratio(results, raw[kind]),
+            )
+        )
     if not switches:
-        why = "a smoke run takes the default path only" if quick else "the pipeline definition has no switch for it"
-        rows.append(_row("tangopipe pass-through, other path", None, "frames/s", note=(
-            f"not measured: {why} (the row above says which path the frames took)")))
+        why = (
+            "a smoke run takes the default path only"
+            if quick
+            else "the pipeline definition has no switch for it"
+        )
+        rows.append(
+            _row(
+                "tangopipe pass-through, other path",
+                None,
+                "frames/s",
+                note=(f"not measured: {why} (the row above says which path the frames took)"),
+            )
+        )
     raw_cpu = statistics.median(_cpu_sum(r) for r in all_raw)
-    rows.append(_row("CPU per frame, raw chain", raw_cpu, "ms", note="median of the runs, all processes, user + "
-                     "system; last run: " + _cpu_note(all_raw[-1])))
+    rows.append(
+        _row(
+            "CPU per frame, raw chain",
+            raw_cpu,
+            "ms",
+            note="median of the runs, all processes, user + system; last run: " + _cpu_note(all_raw[-1]),
+        )
+    )
     for results in passes.values():
         label = "shared memory" if results[-1]["scan"].get("ShmFrames", 0) else "tcp"
-        rows.append(_row(f"CPU per frame, pass-through, {label}", statistics.median(_cpu_sum(r) for r in results),
-                         "ms", raw_cpu, "", "last run: " + _cpu_note(results[-1])))
+        rows.append(
+            _row(
+                f"CPU per frame, pass-through, {label}",
+                statistics.median(_cpu_sum(r) for r in results),
+                "ms",
+                raw_cpu,
+                "",
+                "last run: " + _cpu_note(results[-1]),
+            )
+        )
     ideal = 1000.0 / BUSY_MS
-    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 1 worker", _median(one), "frames/s", ideal, "", (
-        f"256x256 frames, {n_busy1} frames; {_runs(one)}; baseline: 1000/{BUSY_MS:g} ms; "
-        f"{_cpu_note(one[-1])}{_check(one[-1], n_busy1)}")))
-    rows.append(_row(f"busy {BUSY_MS:g} ms/frame, 2 workers", _median(two), "frames/s", _median(one),
-                     ">= 1.8x 1 worker", (
-                         f"{n_busy2} frames; {_runs(two)}; baseline: 1 worker; ratio: median of per-round ratios; "
-                         f"{_cpu_note(two[-1])}{_check(two[-1], n_busy2)}"), _paired_ratio(two, one)))
+    rows.append(
+        _row(
+            f"busy {BUSY_MS:g} ms/frame, 1 worker",
+            _median(one),
+            "frames/s",
+            ideal,
+            "",
+            (
+                f"256x256 frames, {n_busy1} frames; {_runs(one)}; baseline: 1000/{BUSY_MS:g} ms; "
+                f"{_cpu_note(one[-1])}{_check(one[-1], n_busy1)}"
+            ),
+        )
+    )
+    rows.append(
+        _row(
+            f"busy {BUSY_MS:g} ms/frame, 2 workers",
+            _median(two),
+            "frames/s",
+            _median(one),
+            ">= 1.8x 1 worker",
+            (
+                f"{n_busy2} frames; {_runs(two)}; baseline: 1 worker; ratio: median of per-round ratios; "
+                f"{_cpu_note(two[-1])}{_check(two[-1], n_busy2)}"
+            ),
+            _paired_ratio(two, one),
+        )
+    )
     for result in latency.values():
         label = "shared memory" if result["scan"].get("ShmFrames", 0) else "tcp"
         sink, sorter = result["sink"], result["sorter"]
-        rows.append(_row(f"latency p50 at {LATENCY_HZ:g} Hz, {label}", sink["LatencyP50Ms"], "ms", raw_50["p50_ms"],
-                         "", f"{n_latency} frames, 1 worker (first_pixel); master acquisition -> sink; baseline: "
-                         f"detector -> consumer of the raw chain{_check(result, n_latency)}"))
-        rows.append(_row(f"latency p99 at {LATENCY_HZ:g} Hz, {label}", sink["LatencyP99Ms"], "ms", raw_50["p99_ms"],
-                         "", f"sorter p50/p99: {sorter['LatencyP50Ms']:.1f}/{sorter['LatencyP99Ms']:.1f} ms"))
+        rows.append(
+            _row(
+                f"latency p50 at {LATENCY_HZ:g} Hz, {label}",
+                sink["LatencyP50Ms"],
+                "ms",
+                raw_50["p50_ms"],
+                "",
+                f"{n_latency} frames, 1 worker (first_pixel); master acquisition -> sink; baseline: "
+                f"detector -> consumer of the raw chain{_check(result, n_latency)}",
+            )
+        )
+        rows.append(
+            _row(
+                f"latency p99 at {LATENCY_HZ:g} Hz, {label}",
+                sink["LatencyP99Ms"],
+                "ms",
+                raw_50["p99_ms"],
+                "",
+                f"sorter p50/p99: {sorter['LatencyP50Ms']:.1f}/{sorter['LatencyP99Ms']:.1f} ms",
+            )
+        )
     return rows
 
 
@@ -498,8 +601,15 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _row(name: str, value: float | None, unit: str, baseline: float | None = None, goal: str = "",
-         note: str = "", ratio: float | None = None) -> dict:
+def _row(
+    name: str,
+    value: float | None,
+    unit: str,
+    baseline: float | None = None,
+    goal: str = "",
+    note: str = "",
+    ratio: float | None = None,
+) -> dict:
     """One table row: value in unit, the baseline it is compared with, value / baseline, the goal."""
     if ratio is None and value is not None and baseline:
         ratio = value / baseline

@@ -126,7 +126,7 @@ def scan_request(
         except json.JSONDecodeError as exc:
             raise DeploymentError(f"--meta {meta_json!r} is not valid JSON: {exc}") from None
         if not isinstance(given, dict):
-            raise DeploymentError(f"--meta {meta_json!r} must be a JSON object such as '{{\"sample\": \"Si\"}}'")
+            raise DeploymentError(f"--meta {meta_json!r} must be a JSON object (a mapping of names to values)")
         meta.update(given)
     return (suggested if frames is None else frames), meta
 

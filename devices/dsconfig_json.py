@@ -89,7 +89,7 @@ SORTER_KEYS = {
     "BatchSize": ("batch_size", _int),
     "BatchLatencyMs": ("batch_latency_ms", float),
 }
-WORKER_KEYS = {"Credit": ("credit", _int)}
+WORKER_KEYS = {"Credit": ("credit", _int), "NumbaThreads": ("numba_threads", _int)}
 SINK_KEYS = {
     "MemoryLimit": ("memory_limit_mb", _mib),
     "QueryPort": ("query_port", _int),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from tango.server import attribute, command, device_property, run
 
@@ -25,6 +26,9 @@ class PipelineWorker(PipelineDevice):
     UseSharedMemory = device_property(
         dtype=bool, default_value=True, doc="read frames from the master's shared-memory ring when on its host"
     )
+    NumbaThreads = device_property(
+        dtype=int, default_value=0, doc="threads of the numba kernels in this worker (0: numba's default, all cores)"
+    )
 
     ProcessingErrors = counter("ProcessingErrors", "frames", "frames whose processing failed (sent on as gaps)")
     ConfigVersion = counter("ConfigVersion", "", "version of the processing configuration in use")
@@ -32,6 +36,10 @@ class PipelineWorker(PipelineDevice):
     engine: WorkerEngine
 
     def create_engine(self) -> Engine:
+        if self.NumbaThreads > 0:
+            import numba
+
+            numba.set_num_threads(min(self.NumbaThreads, numba.config.NUMBA_NUM_THREADS))
         steps = parse_json_property("Steps", self.Steps, [])
         return WorkerEngine(
             steps, name=self.get_name(), group=self.Group, credit=self.Credit, use_shm=self.UseSharedMemory
@@ -62,6 +70,8 @@ class PipelineWorker(PipelineDevice):
 
 
 def main(args: list[str] | None = None) -> None:
+    # idle OpenMP threads of numba kernels must not spin: workers share their host
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     run((PipelineWorker,), args=args)
 
 

@@ -421,6 +421,6 @@ class LavueBridgeEngine(ConsumerEngine):
             Skipped=s["skipped"],
             PublishFailures=s["failed"],
             PublishedRateHz=round(s["rate_hz"], 3),
-            Topics=len(self.topics),
+            TopicCount=len(self.topics),
         )
         return c

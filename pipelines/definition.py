@@ -71,6 +71,7 @@ SORTER = {
 GROUP = {
     "workers": (Positive, 1, "number of workers"),
     "credit": (Positive, 2, "frames each worker holds at most"),
+    "numba_threads": (int, 0, "threads of each worker's numba kernels (0: all cores; workers x threads <= cores is best)"),
     "steps": (list, [], "the processing steps, in order: [name, {name: {parameters}}, ...]"),
     "sorter": (dict, {}, "sorter settings: " + ", ".join(SORTER)),
 }
@@ -178,6 +179,28 @@ def _apply(schema: dict, data: Any, where: str, path: str) -> dict[str, Any]:
     return out
 
 
+_PATH_PARAMETERS = {"poni", "mask", "dark", "gain", "flat", "folder", "file", "path", "pedestal", "calibration"}
+
+
+def _resolve_paths(spec: Any, folder: Path) -> Any:
+    """Make relative file paths in a step's parameters absolute: a path is looked up
+    next to the definition file first, then in the working directory, so a
+    definition works from any folder and every server reads the same file."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        return spec
+    name, params = next(iter(spec.items()))
+    if not isinstance(params, dict):
+        return spec
+    resolved = dict(params)
+    for key, value in params.items():
+        if key in _PATH_PARAMETERS and isinstance(value, str) and value and not os.path.isabs(value):
+            for base in (folder, folder.parent, Path.cwd()):
+                if (base / value).exists():
+                    resolved[key] = str((base / value).resolve())
+                    break
+    return {name: resolved}
+
+
 @dataclass
 class DeviceSpec:
     """One Tango device of a pipeline, as registered in the database."""
@@ -225,6 +248,7 @@ class PipelineDefinition:
             if not _check_value(Name, gname):
                 raise DefinitionError(f"{path}: groups.{gname}: group names are {_type_name(Name)}")
             group = _apply(GROUP, gdata, path, f"groups.{gname}.")
+            group["steps"] = [_resolve_paths(spec, Path(path).parent) for spec in group["steps"]]
             group["sorter"] = _apply(SORTER, group["sorter"], path, f"groups.{gname}.sorter.")
             try:
                 StepChain(group["steps"])
@@ -287,6 +311,7 @@ class PipelineDefinition:
         module_name, _, cls_name = target.partition(":")
         factory = getattr(importlib.import_module(module_name), cls_name)
         params = {k: v for k, v in spec.items() if k != "kind"}
+        params = _resolve_paths({kind: params}, Path(self.path).parent)[kind]
         try:
             check_parameters(kind, factory, params, what="source")
         except StepConfigError as exc:
@@ -334,6 +359,7 @@ class PipelineDefinition:
                 "Group": group,
                 "Steps": g["steps"],
                 "Credit": g["credit"],
+                "NumbaThreads": g["numba_threads"],
             },
             "worker",
         )

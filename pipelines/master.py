@@ -38,6 +38,10 @@ from .sources import FrameSource
 from .transport import BadPeerMessage, Peer, bind_socket, key_of, key_tuple, receive, send
 
 
+#: StartScan metadata copied into every frame's metadata (the steps see only the frame's)
+SCAN_KEYS_FOR_STEPS = ("scan_shape", "snake", "energy_keV", "wavelength")
+
+
 class OverflowPolicy(enum.StrEnum):
     BLOCK = "block"
     DROP_NEWEST = "drop_newest"
@@ -239,8 +243,11 @@ class MasterEngine(Engine):
 
     # -- source thread -------------------------------------------------------------------
     def _acquire(self, scan_id: int | str, meta: dict[str, Any]) -> None:
+        # what steps may need to know about the scan travels with every frame
+        scan_keys = {k: meta[k] for k in SCAN_KEYS_FOR_STEPS if k in meta}
         try:
             for index, (array, frame_meta) in enumerate(self.source.frames(meta)):
+                frame_meta = {**scan_keys, **frame_meta}
                 msg = m.Message(m.FRAME, scan=scan_id, index=index, stream=self.stream, meta=frame_meta)
                 msg.arrays["data"] = array
                 msg.stamp("acquired")

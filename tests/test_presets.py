@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from devices.cli import scan_request
+from devices.database import DeploymentError
 from pipelines.definition import load_definition
 from pipelines.master import MasterEngine
 from pipelines.query import SinkClient
@@ -154,6 +155,8 @@ def test_scans_of_a_mapping_preset_get_the_source_grid_unless_told_otherwise():
     assert frames == 80 and meta == {"scan_shape": [8, 10], "snake": True, "sample": "leaf"}
     assert scan_request(load_definition(CONFIG / "tomo.yaml"), None, None, fallback_frames=300) == (180, {})
     assert scan_request(load_definition(CONFIG / "demo.yaml"), None, None, fallback_frames=300) == (300, {})
+    with pytest.raises(DeploymentError, match="--meta '\\[8, 10\\]' must be a JSON object"):
+        scan_request(xrf, None, "[8, 10]", fallback_frames=300)
 
 
 def test_xrd_profile_peaks_at_the_rings_and_cake_shows_texture(preset):

@@ -173,9 +173,23 @@ def test_registered_as_the_stream_source_kind():
 
 def test_detector_command_runs_as_its_own_process():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.sources.stream", "--port", "0", "--frames", "6", "--shape", "32", "16",
-         "--timeout-s", "10"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.sources.stream",
+            "--port",
+            "0",
+            "--frames",
+            "6",
+            "--shape",
+            "32",
+            "16",
+            "--timeout-s",
+            "10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from pipelines.engine import Health
 from pipelines.sources.simulator import SimulatedDetector
@@ -85,7 +86,7 @@ def test_a_full_disk_holds_the_data_and_the_scan_completes_when_space_is_back(tm
             valid = f["entry/raw/valid"][()]
             images = f["entry/raw/image"]
             good = np.flatnonzero(valid)
-            assert len(good) > 10 and list(good) == list(range(len(good)))
+            assert len(good) >= 4 and list(good) == list(range(len(good)))
             for i in good:
                 np.testing.assert_array_equal(images[i], source.frame(i))
         child.stdin.write("go\n")
@@ -153,3 +154,61 @@ def test_status_and_counters_name_the_fault_in_a_device_friendly_way(tmp_path):
     finally:
         p.stop()
     assert writer.frames_written == 5
+
+
+def failing_write_scenario(path: str, flush_every: int) -> None:
+    """Run in a child process: HDF5 itself fails (no space check), then the file recovers."""
+    import resource
+    import signal
+
+    from pipelines import message as m
+    from pipelines.writers.nexus import NexusScanFile
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    f = NexusScanFile(path, m.Message(m.SCAN_START, scan=1, stream="raw"), space_margin=None)
+
+    def frame(i):
+        return m.Message(m.RESULT, scan=1, index=i, stream="raw", arrays={"image": np.full((512, 512), i, np.uint16)},
+                         scalars={"i": i})
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))
+    i, failed = 0, None
+    while i < 60 and failed is None:
+        try:
+            f.write(frame(i))
+            i += 1
+            if i % flush_every == 0:
+                f.flush(force=True)
+        except (OSError, RuntimeError) as exc:
+            failed = str(exc).splitlines()[0]
+    try:
+        f.recover()  # still no room: it must fail cleanly, and can be tried again
+        early = "recovered"
+    except (OSError, RuntimeError) as exc:
+        early = str(exc).splitlines()[0]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    f.recover()
+    while i < 60:  # the message that failed, and the rest
+        f.write(frame(i))
+        i += 1
+    f.close()
+    print(json.dumps({"failed": failed, "early": early}), flush=True)
+
+
+@pytest.mark.parametrize("flush_every", [1, 1000], ids=["fails-in-flush", "fails-in-write"])
+def test_a_write_that_fails_inside_hdf5_is_recovered_without_losing_rows(tmp_path, flush_every):
+    path = tmp_path / "s.h5"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"from tests.test_writer_faults import failing_write_scenario; "
+                               f"failing_write_scenario({str(path)!r}, {flush_every})"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["failed"] and report["early"] != "recovered"
+    with h5py.File(path) as f:
+        assert f["entry/raw/valid"][()].all() and len(f["entry/raw/valid"]) == 60
+        assert list(f["entry/raw/i"][()]) == list(range(60))
+        images = f["entry/raw/image"]
+        assert all(images[i, 0, 0] == i and images[i, -1, -1] == i for i in range(60))

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import geometry
 from pipelines.steps.maps import grid_position, grid_shape
 
 from . import SourceError
@@ -245,11 +246,9 @@ class SimulatedDiffraction(_SimulatedSource):
         seed: int = 7,
     ):
         super().__init__(rate_hz=rate_hz, seed=seed)
-        from pipelines.geometry import read_poni
-
         k = self.kind
         self.poni = str(poni)
-        self.geometry = read_poni(self.poni)
+        self.geometry = geometry.read_poni(self.poni)
         _check(k, {"poni": (poni, self.geometry.wavelength is not None, "a PONI file with a Wavelength")})
         if shape is None:
             no_shape = "[rows, cols]: the PONI file has no max_shape"
@@ -328,8 +327,6 @@ class SimulatedDiffraction(_SimulatedSource):
         x beamstop shade), computed once."""
         with self._lock:
             if self._geometry_tables is None:
-                from pipelines import geometry
-
                 response = geometry.solid_angle_array(self.geometry, self.shape)
                 response *= geometry.polarization_array(self.geometry, self.polarization, self.shape)
                 if self.beamstop_radius > 0:

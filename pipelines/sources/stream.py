@@ -127,7 +127,9 @@ class FrameStreamSource:
                     data = msg.arrays.get("data")
                     if data is None or data.ndim != 2:
                         got = "no 'data' buffer" if data is None else f"'data' of shape {list(data.shape)}"
-                        self.bad.record("bad_frame", f"frame {msg.scan}/{msg.index}: {got}, expected a 2-D image")
+                        self.bad.record(
+                            "bad_frame", f"frame {msg.scan}/{msg.index}: {got}, expected a 2-D image"
+                        )
                         continue
                     series = msg.scan
                     count += 1
@@ -198,7 +200,9 @@ class StreamDetector:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"detector port must be 0..65535 (0: any free port), got {port!r}")
         if isinstance(rate_hz, bool) or not isinstance(rate_hz, int | float) or rate_hz < 0:
-            raise ValueError(f"detector rate_hz must be a number >= 0 (0: as fast as possible), got {rate_hz!r}")
+            raise ValueError(
+                f"detector rate_hz must be a number >= 0 (0: as fast as possible), got {rate_hz!r}"
+            )
         self.simulator = SimulatedDetector(shape=list(shape), dtype=dtype, rate_hz=0, frames=0, seed=seed)
         self.rate_hz = float(rate_hz)
         self._context = zmq.Context()
@@ -215,7 +219,9 @@ class StreamDetector:
                 port = self._sock.bind_to_random_port(f"tcp://{address}")
         except zmq.ZMQError as exc:
             self.close()
-            raise OSError(f"detector cannot bind tcp://{bind}:{port}: {exc}; choose another port (0: any)") from exc
+            raise OSError(
+                f"detector cannot bind tcp://{bind}:{port}: {exc}; choose another port (0: any)"
+            ) from exc
         self.endpoint = f"tcp://{advertised_host(bind)}:{port}"
         self._run = uuid.uuid4().hex[:8]
         self._series = 0
@@ -261,24 +267,26 @@ class StreamDetector:
                     raise DetectorStopped(f"series {series} stopped after {i} of {n} frames")
             msg = m.Message(m.FRAME, scan=series, index=i, meta={"exposure_time": period})
             msg.arrays["data"] = self.simulator.frame(i)
-            self._send(msg.stamp("detector"), timeout_s)
-        self._send(m.Message(m.SCAN_END, scan=series, body={"frames": n}).stamp("detector"), timeout_s)
+            self._send(msg, timeout_s)
+        self._send(m.Message(m.SCAN_END, scan=series, body={"frames": n}), timeout_s)
         return series
 
     def _send(self, msg: m.Message, timeout_s: float | None) -> None:
+        # stamped once the pipe has room: time spent waiting for a slow receiver is not latency
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            try:
-                send(self._sock, msg, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                pass
+            if self._sock.poll(_POLL_MS, zmq.POLLOUT):
+                try:
+                    send(self._sock, msg.stamp("detector"), flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    pass
             if self._stop.is_set():
                 raise DetectorStopped(f"stopped while sending {msg.kind} {msg.scan}/{msg.index}")
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"no receiver took {msg.kind} {msg.scan}/{msg.index} at {self.endpoint} "
-                                   f"within {timeout_s:g} s")
-            self._sock.poll(_POLL_MS, zmq.POLLOUT)
+                raise TimeoutError(
+                    f"no receiver took {msg.kind} {msg.scan}/{msg.index} at {self.endpoint} within {timeout_s:g} s"
+                )
 
     def stop(self) -> None:
         """Make a running :meth:`send_series` return soon (from another thread)."""
@@ -298,14 +306,22 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipelines.sources.stream",
         description="A simulated detector process: pushes frames to a tangopipe 'stream' source.",
     )
-    parser.add_argument("--port", type=int, default=9998, help="port to bind (0: any free port; default 9998)")
+    parser.add_argument(
+        "--port", type=int, default=9998, help="port to bind (0: any free port; default 9998)"
+    )
     parser.add_argument("--bind", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--frames", type=int, default=1000, help="frames per series (default 1000)")
-    parser.add_argument("--series", type=int, default=1, help="series to send, one after the other (default 1)")
-    parser.add_argument("--rate-hz", type=float, default=0.0, help="frame rate (0: as fast as taken; default 0)")
+    parser.add_argument(
+        "--series", type=int, default=1, help="series to send, one after the other (default 1)"
+    )
+    parser.add_argument(
+        "--rate-hz", type=float, default=0.0, help="frame rate (0: as fast as taken; default 0)"
+    )
     parser.add_argument("--shape", type=int, nargs=2, default=[2048, 2048], metavar=("ROWS", "COLS"))
     parser.add_argument("--dtype", default="uint16", help="pixel type (default uint16)")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="give up when nobody takes a frame this long")
+    parser.add_argument(
+        "--timeout-s", type=float, default=60.0, help="give up when nobody takes a frame this long"
+    )
     args = parser.parse_args(argv)
     try:
         detector = StreamDetector(args.port, args.bind, args.shape, args.dtype, args.rate_hz)

@@ -132,9 +132,8 @@ class CubeScanWriter:
     def close(self, end: m.Message | None = None) -> None:
         import h5py
 
-        from .nexus import tangopipe_version
-
         from . import unique_path
+        from .nexus import tangopipe_version
 
         if self.closed:
             return

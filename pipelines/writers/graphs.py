@@ -8,22 +8,102 @@ number. Every chosen map result (a scalar such as ``roi_sum``) is assembled on t
 scan grid (StartScan's ``scan_shape`` and ``snake``) and plotted as an image; a scan
 without a grid gets the scalar against the motor it moved (one motor in the
 frames' positions) or against the index. The drawing itself is
-:mod:`pipelines.plots` (``plot_profile`` and ``plot_map``).
+:mod:`pipelines.plots` (``plot_profile`` and ``plot_map``), run in a child process
+(:class:`PlotProcess`): Qt wants to draw in a process's main thread, and the
+writer's loop thread is not one.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import message as m
-from ..steps.maps import MapAssembler
+from ..steps.maps import MapAssembler, grid_position
 
 if TYPE_CHECKING:
     from . import WriterSettings
+
+
+def _serve_plots(conn: Any) -> None:
+    """The child's loop: run ``pipelines.plots`` functions, answer (ok, path) or (False, error)."""
+    from .. import plots
+
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        name, args, kwargs = job
+        try:
+            conn.send((True, str(getattr(plots, name)(*args, **kwargs))))
+        except OSError as exc:
+            conn.send((False, ("OSError", exc.errno, exc.strerror or str(exc), exc.filename)))
+        except Exception as exc:
+            conn.send((False, (type(exc).__name__, None, str(exc), None)))
+
+
+class PlotProcess:
+    """:mod:`pipelines.plots` in a child process (started at the first plot, reused)."""
+
+    def __init__(self, timeout_s: float = 120.0):
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_plots, args=(child,), name="tangopipe-plots", daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Path:
+        """Run ``plots.<name>(*args, **kwargs)`` in the child; its errors are raised here."""
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+            self._conn.send((name, args, kwargs))
+            if not self._conn.poll(self.timeout_s):
+                self._stop()
+                raise TimeoutError(f"plotting {name} took more than {self.timeout_s:.0f} s")
+            try:
+                ok, value = self._conn.recv()
+            except EOFError:
+                self._stop()
+                raise RuntimeError(f"the plotting process died while drawing {name}") from None
+        if ok:
+            return Path(value)
+        kind, code, text, filename = value
+        if kind == "OSError":
+            raise OSError(code, text, filename)
+        raise ValueError(f"{name}: {kind}: {text}")
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join(5)
+        self._proc = self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.is_alive():
+                self._conn.send(None)
+                self._proc.join(5)
+            self._stop()
+
+
+#: one plotting process for every graph writer of this process
+PLOTS = PlotProcess()
 
 
 def x_axis_name(profile: str) -> str | None:
@@ -98,14 +178,12 @@ class GraphScanWriter:
         self.written += 1
 
     def _profile(self, plot: str, name: str, y: np.ndarray, title: str) -> None:
-        from .. import plots
-
         if plot in self._done:
             return
         x = self.x.get(name)
         xlabel = x_axis_name(name) if x is not None else "bin"
         path = self._file(plot)
-        plots.plot_profile(np.arange(len(y)) if x is None else x, y, path, xlabel, name, title)
+        PLOTS.call("plot_profile", np.arange(len(y)) if x is None else x, y, path, xlabel, name, title)
         self._finish(plot, path)
 
     def _finish(self, plot: str, path: Path) -> None:
@@ -114,8 +192,6 @@ class GraphScanWriter:
         self.files.append(path)
 
     def _map(self, name: str) -> None:
-        from .. import plots
-
         plot = f"{name}_map"
         if plot in self._done or not self.values[name]:
             return
@@ -127,7 +203,11 @@ class GraphScanWriter:
                 if index < assembler.map.size:
                     assembler.add(index, value)
             path = self._file(plot)
-            plots.plot_map(assembler.map, path, axes=None, title=title)
+            axes, labels = self._grid_axes(assembler)
+            try:
+                PLOTS.call("plot_map", assembler.map, path, axes=axes, title=title, labels=labels)
+            except ValueError:  # motor positions not evenly spaced: pixel numbers then
+                PLOTS.call("plot_map", assembler.map, path, title=title, labels=("row", "column"))
         else:
             indices = np.asarray(sorted(values))
             y = np.asarray([values[i] for i in indices])
@@ -137,8 +217,31 @@ class GraphScanWriter:
                 xlabel = next(iter(self.motor_values))
                 x = np.asarray([motors[0][i] for i in indices])
             path = self._file(plot)
-            plots.plot_profile(x, y, path, xlabel, name, title)
+            PLOTS.call("plot_profile", x, y, path, xlabel, name, title)
         self._finish(plot, path)
+
+    def _grid_axes(self, assembler: MapAssembler) -> tuple[Any, tuple[str, str]]:
+        """(row positions, column positions) and labels from the two motors of a mesh, if known."""
+        n_slow, n_fast = assembler.shape
+        if len(self.motor_values) != 2:
+            return None, ("row", "column")
+        where = {}
+        for index in range(n_slow * n_fast):
+            where[grid_position(index, assembler.shape, assembler.snake)] = index
+        axes: dict[str, np.ndarray] = {}
+        for motor, values in self.motor_values.items():
+            try:
+                cols = np.asarray([values[where[(0, c)]] for c in range(n_fast)])
+                rows = np.asarray([values[where[(r, 0)]] for r in range(n_slow)])
+            except KeyError:
+                return None, ("row", "column")
+            if np.ptp(cols) > 0 and np.ptp(rows) == 0:
+                axes["fast"], axes["fast_name"] = cols, motor  # type: ignore[assignment]
+            elif np.ptp(rows) > 0 and np.ptp(cols) == 0:
+                axes["slow"], axes["slow_name"] = rows, motor  # type: ignore[assignment]
+        if "fast" not in axes or "slow" not in axes:
+            return None, ("row", "column")
+        return (axes["slow"], axes["fast"]), (str(axes["slow_name"]), str(axes["fast_name"]))
 
     def flush(self, every_s: float = 1.0, force: bool = False) -> bool:
         return False  # plots are whole files, written when made

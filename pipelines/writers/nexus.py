@@ -56,11 +56,11 @@ import h5py
 import numpy as np
 
 from .. import message as m
-from . import SPACE_MARGIN, check_space
+from . import SPACE_MARGIN, StorageFull, check_space
 
 RAW_RESULT = "image"  # the passthrough step's result: the raw frame
 COMPRESSIONS = ("none", "gzip", "bslz4")
-_ROW_CHUNK_BYTES = 4 << 20
+_ROW_CHUNK_BYTES = 1 << 20  # chunks of profiles stay within HDF5's default chunk cache
 _MAX_SCALAR_CHUNK = 1024
 _TIME_BYTES = 32
 
@@ -413,7 +413,12 @@ class NexusScanFile:
         ds = group.get(name)
         if ds is None:
             row_bytes = max(1, int(np.prod(shape)) * dtype.itemsize)
-            rows = max(1, min(64, _ROW_CHUNK_BYTES // row_bytes)) if shape else _MAX_SCALAR_CHUNK
+            if not shape:
+                rows = _MAX_SCALAR_CHUNK
+            elif len(shape) >= 2:
+                rows = 1  # one image per chunk, as detectors write them: compressed and read frame by frame
+            else:
+                rows = max(1, min(64, _ROW_CHUNK_BYTES // row_bytes))
             extra = self.options if shape and dtype.kind not in "OSU" else {}
             fill = _fill_value(dtype)
             ds = group.create_dataset(
@@ -527,7 +532,17 @@ class NexusScanFile:
         main = getattr(self, "main", None)
         if main is not None and main.file.id.valid:
             size = main.file.id.get_filesize()  # HDF5's end of allocation: ahead of the bytes on disk
-        check_space(self.path, nbytes + self._log_bytes + self.space_margin, size)
+        try:
+            check_space(self.path, nbytes + self._log_bytes + self.space_margin, size)
+        except StorageFull:
+            if nbytes and self._log:  # no room for more: readers should at least see what is written
+                try:
+                    check_space(self.path, self._log_bytes + self.space_margin, size)
+                except StorageFull:
+                    pass
+                else:
+                    self.flush(force=True)
+            raise
 
     def _parts(self) -> list[_Part]:
         return [self.main] + [r.part for r in self.derived.values() if r.part is not self.main]
@@ -627,7 +642,14 @@ class NexusScanFile:
     def recover(self) -> None:
         """After a failed write: reopen, go back to the last flush, write the rest again."""
         snap = self._snapshot
-        self._check_space(0)  # closing a broken handle flushes; only once there is room
+        # Closing a broken handle flushes what it holds; without room for that HDF5 (2.0,
+        # with h5py 3.16) may crash the process. So: only once there is room, checked
+        # even when the checks before writing are off.
+        try:
+            size = self.main.file.id.get_filesize() if self.main.file.id.valid else None
+        except Exception:
+            size = None
+        check_space(self.path, self._log_bytes + (self.space_margin or SPACE_MARGIN), size)
         # Let go of every object of the old handles before closing them: an h5py object
         # freed after its file was closed and opened again would release the new one's ids.
         self.data = self.index = self.valid = self.version = None  # type: ignore[assignment]
