@@ -8,7 +8,8 @@ method that matches the splitting (histogram, CSR, CSC; LUT too in 1D) is timed 
 fastest is the reference. Both use all the process's cores: numba's threads and
 pyFAI's OpenMP threads (``OMP_NUM_THREADS`` unset means all cores; set it and
 ``NUMBA_NUM_THREADS`` to 1 to compare one core each). Blocks of calls alternate
-between the two so that load from elsewhere hits both alike; times are medians,
+between the two so that load from elsewhere hits both alike; times are medians
+(minima beside them: on a shared machine they show the cost without others' load),
 after a first call that builds pyFAI's tables and loads (or compiles) our kernel
 (``first_call_ms``; ``from_cache`` says whether numba's disk cache served it).
 ``setup_ms`` is the time to configure our step (geometry and pixel -> bin matrix).
@@ -50,8 +51,10 @@ def _frame(ai) -> np.ndarray:
     return rng.poisson(50 + 2000 * rings * texture).astype(np.uint16)
 
 
-def _alternating(calls: dict[str, Callable[[], object]], repeats: int, block: int = 4) -> dict[str, float]:
-    """Median time (ms) of each call over ``repeats`` timings, taken in alternating blocks.
+def _alternating(
+    calls: dict[str, Callable[[], object]], repeats: int, block: int = 4
+) -> dict[str, tuple[float, float]]:
+    """(median, minimum) time in ms of each call over ``repeats`` timings, taken in alternating blocks.
 
     Each block starts with an untimed call: pyFAI's and numba's OpenMP runtimes are
     separate, and threads of the one that ran last keep spinning for a moment.
@@ -64,7 +67,7 @@ def _alternating(calls: dict[str, Callable[[], object]], repeats: int, block: in
                 start = time.perf_counter()
                 call()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def _cache_hits() -> int:
@@ -85,15 +88,17 @@ def _case(
     for call in pyfai_calls.values():
         call()  # pyFAI builds its look-up tables on the first call
     trial = _alternating(pyfai_calls, max(2, repeats // 3))
-    fastest = min(trial, key=trial.get)
+    fastest = min(trial, key=lambda name: trial[name][0])
     ours = "tangopipe"
     timed = _alternating({ours: lambda: step(frame, {}), fastest: pyfai_calls[fastest]}, repeats)
     return {
         "kernel": label,
         "reference": f"pyFAI {fastest}",
-        "reference_ms": round(timed[fastest], 2),
-        "kernel_ms": round(timed[ours], 2),
-        "speedup": round(timed[fastest] / timed[ours], 1),
+        "reference_ms": round(timed[fastest][0], 2),
+        "kernel_ms": round(timed[ours][0], 2),
+        "speedup": round(timed[fastest][0] / timed[ours][0], 1),
+        "reference_min_ms": round(timed[fastest][1], 2),
+        "kernel_min_ms": round(timed[ours][1], 2),
         "first_call_ms": round(first_ms, 1),
         "from_cache": from_cache,
         "setup_ms": round(setup_ms),
@@ -154,14 +159,18 @@ def main(argv: list[str] | None = None) -> None:
         f"pyFAI OpenMP threads: {os.environ.get('OMP_NUM_THREADS', 'all cores')}; "
         f"cores available: {len(os.sched_getaffinity(0))}"
     )
-    header = f"{'case':40} {'reference':28} {'ref ms':>8} {'ours ms':>8} {'speedup':>8} {'first call ms':>14} {'setup ms':>9}"
+    header = (
+        f"{'case':40} {'reference':28} {'ref ms':>8} {'ours ms':>8} {'speedup':>8} "
+        f"{'ref min':>8} {'ours min':>8} {'first call ms':>14} {'setup ms':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         first = f"{row['first_call_ms']:.1f}{' (cache)' if row['from_cache'] else ''}"
         print(
             f"{row['kernel']:40} {row['reference']:28} {row['reference_ms']:8.2f} {row['kernel_ms']:8.2f} "
-            f"{row['speedup']:7.1f}x {first:>14} {row['setup_ms']:9d}"
+            f"{row['speedup']:7.1f}x {row['reference_min_ms']:8.2f} {row['kernel_min_ms']:8.2f} "
+            f"{first:>14} {row['setup_ms']:9d}"
         )
     if args.json:
         with open(args.json, "w") as f:

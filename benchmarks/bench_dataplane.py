@@ -12,10 +12,17 @@ Everything runs in one go on this machine:
   Frames/s from the sink's FramesIn, first to last result; latency at 50 Hz from
   the sink's LatencyP50Ms/LatencyP99Ms (master acquisition -> sink).
 - scaling: ``benchmarks.steps:busy`` (40 ms of CPU per frame, 256 x 256 frames so
-  the data plane is negligible) with 2 workers, then 1 (the second one stopped).
+  the data plane is negligible) with 2 workers, then 1 (the second one stopped,
+  then started again for the next round).
 - pass-through: one worker running ``benchmarks.steps:first_pixel`` (one scalar
-  out), so only frames moving master -> worker are measured. When the pipeline
-  definition has a shared-memory switch (``use_shm``) it is measured both ways.
+  out), so only frames moving master -> worker are measured; over tcp and through
+  shared memory when the pipeline definition has the switch (``master.shared_memory``).
+- CPU per frame of every process (user + system), which does not depend on what
+  else the machine runs: on a shared machine the frames/s swing, this does not.
+
+A full run repeats each measurement 3 times, the raw chain alternating with the
+pipeline (and 2 workers with 1), and reports medians; ratios are medians of the
+per-round ratios. ``--quick`` is a smoke run: one round, few frames, default path.
 
     python -m benchmarks [--quick] dataplane
 """

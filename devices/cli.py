@@ -32,7 +32,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 #: modules adding more subcommands: each has ``add_commands(subparsers)``; their
 #: functions take the parsed arguments and return an exit code, raising
 #: DeploymentError or DefinitionError for the user's mistakes.
-COMMAND_MODULES: list[str] = ["devices.starter", "devices.dsconfig_json", "devices.sardana_cli", "devices.gui"]
+COMMAND_MODULES: list[str] = ["devices.starter", "devices.dsconfig_json", "devices.sardana_cli", "devices.gui",
+                               "devices.reprocess_cli"]
 EXIT_CONFIG = 2
 
 

@@ -183,11 +183,17 @@ def arrange_panels(gui: Any) -> None:
         if tab in placed and under in placed:
             gui.tabifyDockWidget(placed[under], placed[tab])
             placed[under].raise_()
-    if "Pipeline" in placed and column:
-        gui.resizeDocks([placed["Pipeline"], column[0]], [11, 9], Qt.Qt.Horizontal)
     weights = {"Image": 3, "Spectrum": 2, "Rates": 3, "Scan": 1}
-    gui.resizeDocks(column, [weights[n] * 100 for n in ("Image", "Spectrum", "Rates", "Scan") if n in placed],
-                    Qt.Qt.Vertical)  # fmt: skip
+
+    def sizes() -> None:  # once the window has its size
+        if "Pipeline" in placed and column:
+            gui.resizeDocks([placed["Pipeline"], column[0]], [gui.width() * 3 // 5, gui.width() * 2 // 5],
+                            Qt.Qt.Horizontal)  # fmt: skip
+        gui.resizeDocks(column, [weights[n] * 100 for n in ("Image", "Spectrum", "Rates", "Scan") if n in placed],
+                        Qt.Qt.Vertical)  # fmt: skip
+
+    sizes()
+    Qt.QTimer.singleShot(0, sizes)
 
 
 def qt_application() -> Any:

@@ -18,7 +18,7 @@ topic ``STREAM.map.NAME``. Each frame carries the metadata Lavue understands:
   prefix, whose lengths match its columns and rows): ``axisscales``/``axislabels`` with the
   radial unit of the ``azimuthal2d`` step (2theta or q against chi);
 - maps: ``axisscales``/``axislabels`` from the StartScan ``motors`` (see
-  :func:`map_axes`), else point numbers;
+  :func:`pipelines.plots.scan_axes`: slow motor, then fast), else point numbers;
 - geometry from a PONI file named by the StartScan metadata (``poni``) or by a
   step of the group (its ``poni`` parameter): ``wavelength``, ``energy``,
   ``detector_distance``, and for images on the detector's pixel grid (or an

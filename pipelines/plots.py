@@ -239,7 +239,8 @@ def quick_look(
         ds = f[dataset] if dataset.startswith("/") else group[dataset]
         group = ds.parent
         data = ds[()]
-        name = ds.name.rsplit("/", 1)[-1]
+        ds_name = ds.name
+        name = ds_name.rsplit("/", 1)[-1]
         n = data.shape[0] if data.ndim else 0
         valid = group["valid"][:n].astype(bool) if "valid" in group else np.ones(n, bool)
         frames = group["index"][:n] if "index" in group else np.arange(n)
@@ -248,7 +249,7 @@ def quick_look(
     out = Path(out) if out is not None else path.with_name(f"{path.stem}_{name}.png")
     title = f"{path.name}: {name}" + (f" (scan {scan})" if scan else "")
     if data.ndim == 0 or not valid.any():
-        raise ValueError(f"{path}: {ds.name} has no valid frame to plot")
+        raise ValueError(f"{path}: {ds_name} has no valid frame to plot")
     if data.ndim == 1:
         shape = meta.get("scan_shape")
         try:
@@ -267,20 +268,21 @@ def quick_look(
                 return plot_map(grid.map, out, None, title, labels=("row", "column"))
         y = np.where(valid, data.astype(np.float64), np.nan)
         return plot_profile(frames, y, out, "frame", name, title)
-    if data.ndim == 2 and index is None:
-        rows = np.nonzero(valid)[0]
-        return plot_map(data[rows].astype(np.float64), out, None, title, labels=("frame (valid)", name))
+    if data.ndim == 2 and index is None:  # one row per frame; frames without a result left blank
+        rows = np.where(valid[:, None], data.astype(np.float64), np.nan)
+        return plot_map(rows, out, None, title, labels=("frame", name))
     frame = int(index) if index is not None else int(np.nonzero(valid)[0][-1])
     if not 0 <= frame < n or not valid[frame]:
-        raise ValueError(f"{path}: frame {frame} of {ds.name} has no result (frames 0..{n - 1})")
+        raise ValueError(f"{path}: frame {frame} of {ds_name} has no result (frames 0..{n - 1})")
     title = f"{title} #{frame}"
     if data.ndim == 2:
         return plot_profile(None, data[frame], out, "bin", name, title)
     if data.ndim == 3:
         return plot_map(data[frame], out, None, title, labels=("row", "column"))
-    raise ValueError(f"{path}: {ds.name} has shape {data.shape}; plots show 1D or 2D results per frame")
+    raise ValueError(f"{path}: {ds_name} has shape {data.shape}; plots show 1D or 2D results per frame")
 
 
+# -- scan grids ---------------------------------------------------------------------------------
 @dataclass
 class ScanAxes:
     """Positions and names of a scan grid's rows and columns (see :func:`scan_axes`)."""
@@ -321,18 +323,38 @@ def _motor_positions(spec: Any, n: int) -> tuple[list[float], str] | None:
     return None
 
 
+def _motor_entries(motors: Any) -> list[tuple[str, Any]]:
+    """(name, spec) of the slow and the fast motor, or fewer when they cannot be told."""
+    if isinstance(motors, Mapping):
+        entries = [(str(k), v) for k, v in motors.items()]
+    elif isinstance(motors, list | tuple):
+        entries = [
+            (str(e.get("name", f"motor {i}")), e) for i, e in enumerate(motors) if isinstance(e, Mapping)
+        ]
+    else:
+        return []
+    by_axis = {e[1].get("axis"): e for e in entries if isinstance(e[1], Mapping) and "axis" in e[1]}
+    if "slow" in by_axis and "fast" in by_axis:
+        return [by_axis["slow"], by_axis["fast"]]
+    return entries[:2]
+
+
 def scan_axes(n_slow: int, n_fast: int, motors: Any = None) -> ScanAxes:
     """The axes of a [n_slow, n_fast] scan grid from the StartScan ``motors``.
 
-    ``motors`` maps motor names to positions in the order of ``scan_shape``: the
-    first motor along the slow axis (rows), the second along the fast axis
-    (columns). An entry is a list of positions (one per point of its axis), the
-    end points ``[start, stop]``, or ``{"start", "stop", "unit"}`` /
-    ``{"positions", "unit"}``. Without two usable motors: point numbers.
+    ``motors`` names the slow motor (map rows) and the fast motor (columns):
+    a list ``[{"name", ...}, {"name", ...}]`` in that order, or a mapping
+    ``{name: spec}`` whose entries say ``"axis": "slow"``/``"fast"`` (else its
+    order is taken: first slow, then fast; JSON files that sort their keys lose
+    that order). A spec is a list of positions (one per point of its axis), the
+    end points ``[start, stop]``, or a mapping with ``positions`` or
+    ``start``/``stop``, and optionally ``unit``. Without two usable motors the
+    axes are point numbers.
     """
-    if isinstance(motors, Mapping) and len(motors) >= 2:
-        (row_name, row_spec), (col_name, col_spec) = list(motors.items())[:2]
+    entries = _motor_entries(motors)
+    if len(entries) == 2:
+        (row_name, row_spec), (col_name, col_spec) = entries
         rows, cols = _motor_positions(row_spec, n_slow), _motor_positions(col_spec, n_fast)
         if rows is not None and cols is not None:
-            return ScanAxes(rows[0], cols[0], str(row_name), str(col_name), rows[1], cols[1], True)
+            return ScanAxes(rows[0], cols[0], row_name, col_name, rows[1], cols[1], True)
     return ScanAxes([float(i) for i in range(n_slow)], [float(i) for i in range(n_fast)], "row", "column")

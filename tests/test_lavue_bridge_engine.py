@@ -168,7 +168,9 @@ def test_caked_and_binned_images_carry_axes_and_geometry_lavue_reads(views, tmp_
     assert binned_meta["pixel_size"] == [pytest.approx(150.0), "um", pytest.approx(150.0), "um"]
     assert binned_meta["beam_center_x"] == [pytest.approx(x / 2), "pixels"]
     assert binned_meta["beam_center_y"] == [pytest.approx(y / 2), "pixels"]
-    assert binned_meta["energy"][1] == "eV" and binned_meta["energy"][0] == pytest.approx(12398.42 / 1.2, rel=1e-5)
+    assert binned_meta["energy"][1] == "eV" and binned_meta["energy"][0] == pytest.approx(
+        12398.42 / 1.2, rel=1e-5
+    )
 
 
 def test_scalars_become_live_maps_on_the_motor_grid(views):
@@ -211,7 +213,10 @@ def test_topics_follow_the_worker_configuration_and_the_filter(tmp_path):
 
 
 def test_map_axes_from_motors_or_point_numbers():
-    assert map_axes([2, 3], None) == {"axislabels": ["column", "row", "", ""], "axisscales": [0.0, 0.0, 1.0, 1.0]}
+    assert map_axes([2, 3], None) == {
+        "axislabels": ["column", "row", "", ""],
+        "axisscales": [0.0, 0.0, 1.0, 1.0],
+    }
     listed = map_axes([2, 3], {"y": [5.0, 7.0], "x": [1.0, 1.25, 1.5]})
     assert listed == {"axislabels": ["x", "y", "", ""], "axisscales": [1.0, 5.0, 0.25, 2.0]}
     uneven = map_axes([2, 3], {"y": [5.0, 7.0], "x": [1.0, 1.1, 1.5]})

@@ -54,7 +54,9 @@ def pipeline_config(folder: Path) -> Path:
     poni.write_text(PONI)
     data = {
         "name": "views",
-        "master": {"source": {"kind": "simulator", "shape": SHAPE, "dtype": "uint16", "rate_hz": 20, "frames": 10000}},
+        "master": {
+            "source": {"kind": "simulator", "shape": SHAPE, "dtype": "uint16", "rate_hz": 20, "frames": 10000}
+        },
         "groups": {
             "main": {
                 "workers": 1,
@@ -133,7 +135,9 @@ class Scan:
         wait_for(lambda: not self.master.Acquiring, what="acquisition")
         self.master.EndScan()
         wait_for(
-            lambda: all(counters(c).get("ScansDone", 0) > d for c, d in zip(self.consumers, self.done, strict=True)),
+            lambda: all(
+                counters(c).get("ScansDone", 0) > d for c, d in zip(self.consumers, self.done, strict=True)
+            ),
             what="scan end at the sink and the bridges",
         )
 
@@ -245,7 +249,10 @@ def test_metadata_lavue_uses_arrives_with_each_frame(live):
     assert name == f"scan 2000 #{meta['index']}" and cake.shape == (40, 36)  # (radial, chi) as Lavue draws it
     assert meta["axislabels"] == ["2theta", "chi", "deg", "deg"]
     assert len(meta["axisscales"]) == 4 and meta["axisscales"][2] > 0 and meta["axisscales"][3] > 0
-    assert meta["wavelength"] == [pytest.approx(1.0), "A"] and meta["detector_distance"] == [pytest.approx(50.0), "mm"]
+    assert meta["wavelength"] == [pytest.approx(1.0), "A"] and meta["detector_distance"] == [
+        pytest.approx(50.0),
+        "mm",
+    ]
     _, _, meta = got["main.img_float32"]
     assert meta["pixel_size"] == [pytest.approx(75.0), "um", pytest.approx(75.0), "um"]
     assert meta["beam_center_x"] == [pytest.approx(40.0), "pixels"]  # poni2 / pixel size
@@ -264,7 +271,9 @@ def test_datasources_change_at_once_when_a_worker_is_reconfigured(live):
     lavue = Lavue(bridge.Address)
     source = lavue.watch("main.img_uint8")
     event_id = bridge.subscribe_event(
-        "Topics", tango.EventType.CHANGE_EVENT, lambda e: pushed.append(tuple(e.attr_value.value or ())) if not e.err else None
+        "Topics",
+        tango.EventType.CHANGE_EVENT,
+        lambda e: pushed.append(tuple(e.attr_value.value or ())) if not e.err else None,
     )
 
     def lavue_lists_topics(want: list[str]) -> None:
@@ -278,7 +287,9 @@ def test_datasources_change_at_once_when_a_worker_is_reconfigured(live):
                 seen.append(message[1])
             if message is None:
                 time.sleep(0.005)
-        raise AssertionError(f"Lavue never read the topic list {want}; it read {seen[-3:]}; bridge has {bridge.Topics}")
+        raise AssertionError(
+            f"Lavue never read the topic list {want}; it read {seen[-3:]}; bridge has {bridge.Topics}"
+        )
 
     try:
         Scan(live, 4).finish()
@@ -432,7 +443,12 @@ def test_taurus_gui_shows_live_values_by_events_and_saves_a_screenshot(live, tmp
             elif result["phase"] == "scan" and not master.Acquiring:
                 master.EndScan()
                 result["phase"] = "after scan"
-            elif result["phase"] == "after scan" and master.ScanFrames == 30 and shown("views/master/1", "ScanFrames") == "30" and agree():
+            elif (
+                result["phase"] == "after scan"
+                and master.ScanFrames == 30
+                and shown("views/master/1", "ScanFrames") == "30"
+                and agree()
+            ):
                 result["phase"] = "done"
                 spectrum = gui.getPanel("Spectrum").widget()
                 curves = [c for c in spectrum.getPlotItem().listDataItems() if c.yData is not None]
@@ -456,7 +472,9 @@ def test_taurus_gui_shows_live_values_by_events_and_saves_a_screenshot(live, tmp
         raise result["error"]
     assert result["scan"] == "5000"
     # every attribute the GUI shows came by events, none by Taurus' slow polling
-    assert result["events"] and all(result["events"].values()), [m for m, ok in result["events"].items() if not ok]
+    assert result["events"] and all(result["events"].values()), [
+        m for m, ok in result["events"].items() if not ok
+    ]
     assert result["image_shape"] == tuple(SHAPE)
     spectrum = np.asarray(sink.LatestSpectrum)
     assert any(y.shape == spectrum.shape for y in result["spectrum"])

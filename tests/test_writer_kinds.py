@@ -51,13 +51,16 @@ class MeshSample:
 def test_tiff_writer_one_file_per_frame_named_from_scan_and_index(tmp_path):
     source = SimulatedDetector(shape=[64, 48], rate_hz=0, frames=50)
     settings = WriterSettings(kind="tiff", directory=str(tmp_path), results=["binned"], pipeline="demo")
+    earlier = tmp_path / "demo_scan00005"  # a scan 5 of an earlier run: never overwritten
+    earlier.mkdir()
+    (earlier / "main_binned_00000.tif").write_bytes(b"earlier run")
     p = InProcessPipeline(writers={"tiff": ("main", settings)}, source=source)
     try:
         first = p.scan(6, scan_id=4)["tiff"]
-        again = p.scan(2, scan_id=4)["tiff"]  # the same scan id: a new folder, nothing overwritten
+        again = p.scan(2, scan_id=5)["tiff"]
     finally:
         p.stop()
-    assert first.endswith("demo_scan00004") and again.endswith("demo_scan00004_2")
+    assert first.endswith("demo_scan00004") and again.endswith("demo_scan00005_2")
     chain = StepChain(ROI_STEPS)
     names = sorted(p.name for p in (tmp_path / "demo_scan00004").iterdir())
     assert names == [f"main_binned_{i:05d}.tif" for i in range(6)]
@@ -66,7 +69,8 @@ def test_tiff_writer_one_file_per_frame_named_from_scan_and_index(tmp_path):
             np.testing.assert_array_equal(tif.asarray(), chain(source.frame(i), {})["binned"])
             meta = tif.shaped_metadata[0]
             assert (meta["scan"], meta["index"], meta["name"], meta["stream"]) == (4, i, "binned", "main")
-    assert len(list((tmp_path / "demo_scan00004_2").iterdir())) == 2
+    assert len(list((tmp_path / "demo_scan00005_2").iterdir())) == 2
+    assert (earlier / "main_binned_00000.tif").read_bytes() == b"earlier run"
 
 
 def test_graph_writer_plots_profiles_and_maps(tmp_path):
@@ -107,7 +111,7 @@ def test_cube_bins_results_by_a_motor(tmp_path):
     results = [chain(source.frame(i), {}) for i in range(28)]
     assert path.endswith("demo_scan00008_main_cube.h5")
     with h5py.File(path) as f:
-        cube = f[f["entry"].attrs["default"]]
+        cube = f["entry"][f["entry"].attrs["default"]]
         assert cube.attrs["signal"] == "total_sum" and list(cube.attrs["axes"]) == ["samx"]
         assert list(cube["samx"][()]) == [1.0, 3.0, 5.0] and list(cube["frames"][()]) == [8, 8, 9]
         assert cube.attrs["out_of_range"] == 3 and cube.attrs["without_value"] == 0

@@ -504,6 +504,10 @@ class WriterEngine(ConsumerEngine):
             except Exception:
                 self.log.exception("closing %s failed", self.file.path)
             self.file = None
+        if self.settings.kind == "graphs":
+            from .graphs import PLOTS
+
+            PLOTS.close()
         super().teardown()
 
     def counters(self) -> dict[str, Any]:

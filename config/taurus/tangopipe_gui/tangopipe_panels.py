@@ -74,6 +74,17 @@ class PipelineTrend(TaurusTrend):
                     legend_label.setText(label)
 
 
+class LatestImageItem(TaurusImageItem):
+    """TaurusImageItem that shows nothing (rather than failing) while the sink has no image."""
+
+    def handleEvent(self, evt_src: Any, evt_type: Any, evt_val: Any) -> None:
+        value = getattr(evt_val, "rvalue", None)
+        if value is not None and getattr(value, "size", 1) == 0:
+            self.clear()
+            return
+        super().handleEvent(evt_src, evt_type, evt_val)
+
+
 class LatestImagePanel(QtWidgets.QWidget):
     """The sink's LatestImage, upright (rows down, columns across), with a colour scale."""
 
@@ -85,7 +96,7 @@ class LatestImagePanel(QtWidgets.QWidget):
         self.plot = self.view.addPlot()
         self.plot.invertY(True)  # row 0 at the top, as detector images are drawn
         self.plot.setAspectLocked(True)
-        self.image = TaurusImageItem(axisOrder="row-major")
+        self.image = LatestImageItem(axisOrder="row-major")
         self.plot.addItem(self.image)
         self.histogram = pg.HistogramLUTItem()
         self.histogram.setImageItem(self.image)
