@@ -55,6 +55,7 @@ class LavueBridge(PipelineDevice):
     engine: LavueBridgeEngine
 
     def create_engine(self) -> Engine:
+        self._checked_upstream = ""  # whose class was found to be a sorter (Init may change Upstream)
         return LavueBridgeEngine(
             name=self.get_name(),
             bind=self.BindAddress,
@@ -78,7 +79,7 @@ class LavueBridge(PipelineDevice):
 
     def resolve_endpoint(self, prop: str, device: str, attr: str) -> str:
         endpoint = PipelineDevice.resolve_endpoint(prop, device, attr)
-        if getattr(self, "_upstream_class", None) != device:
+        if self._checked_upstream != device:
             try:
                 cls = tango.Database().get_class_for_device(device)
             except tango.DevFailed as exc:
@@ -97,7 +98,7 @@ class LavueBridge(PipelineDevice):
                     DevState.FAULT,
                     f"Upstream '{device}' is a {cls}, not a {SORTER_CLASS}: {hint}. Fix it in Jive",
                 )
-            self._upstream_class = device
+            self._checked_upstream = device  # a sorter: no need to ask again
         return endpoint
 
     # -- events --------------------------------------------------------------------------

@@ -42,9 +42,7 @@ class ConsumerEngine(Engine):
             poller.register(self.link.sock, zmq.POLLIN)
         for sock in self.extra_sockets():
             poller.register(sock, zmq.POLLIN)
-        events = dict(poller.poll(self.POLL_MS)) if poller.sockets else {}
-        if not poller.sockets:
-            self._stop.wait(self.POLL_MS / 1000)
+        events = self.poll(poller)
         for sock in events:
             if sock is self.link.sock:
                 self._take_stream()

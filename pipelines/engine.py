@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -35,8 +36,8 @@ class Health(enum.Enum):
 class Engine:
     """Base of the master, worker, sorter, sink and writer engines."""
 
-    #: loop poll period; bounds how late a queued request or a stop is seen
-    POLL_MS = 20
+    #: longest wait of the loop for sockets; other threads cut it short with :meth:`wake`
+    POLL_MS = 50
 
     def __init__(self, name: str, context: zmq.Context | None = None):
         self.name = name
@@ -49,6 +50,10 @@ class Engine:
         self._requests: queue.Queue[tuple[Callable[[], Any], queue.Queue]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # a pipe other threads write to so the loop stops waiting at once (thread-safe, unlike sockets)
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
 
     # -- listeners -----------------------------------------------------------------------
     def add_listener(self, listener: Listener) -> None:
@@ -77,8 +82,36 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-loop", daemon=True)
         self._thread.start()
 
+    def __del__(self) -> None:
+        for fd in (getattr(self, "_wake_read", -1), getattr(self, "_wake_write", -1)):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def wake(self) -> None:
+        """Make the loop thread look at its queues now (call from any thread)."""
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:  # the pipe is full: the loop is already due to wake
+            pass
+
+    def poll(self, poller: zmq.Poller, timeout_ms: int | None = None) -> dict:
+        """Wait for the poller's sockets, a :meth:`wake` or the timeout; return socket events."""
+        poller.register(self._wake_read, zmq.POLLIN)
+        events = dict(poller.poll(self.POLL_MS if timeout_ms is None else timeout_ms))
+        if events.pop(self._wake_read, None):
+            try:
+                while os.read(self._wake_read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return events
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -105,6 +138,7 @@ class Engine:
             return fn()
         answer: queue.Queue = queue.Queue(1)
         self._requests.put((fn, answer))
+        self.wake()
         try:
             ok, value = answer.get(timeout=timeout)
         except queue.Empty as exc:
@@ -129,8 +163,8 @@ class Engine:
         """Create sockets (runs in the loop thread)."""
 
     def step(self) -> None:
-        """One turn of the loop: poll sockets for at most POLL_MS and handle what came."""
-        self._stop.wait(self.POLL_MS / 1000)
+        """One turn of the loop: poll sockets (:meth:`poll`) and handle what came."""
+        self.poll(zmq.Poller())
 
     def teardown(self) -> None:
         """Close sockets (runs in the loop thread)."""

@@ -114,6 +114,7 @@ class MasterEngine(Engine):
         self._held_bytes = 0
         self.peers: dict[bytes, Peer] = {}
         self.redispatched = 0
+        self._dispatch_count = 0
         self.lost_workers = 0
         self.dispatched = 0
         self.scan_id: int | str | None = None
@@ -299,6 +300,7 @@ class MasterEngine(Engine):
             self._held_bytes += nbytes
         for group in self.groups:
             self._pending[group].append(item)
+        self.wake()  # dispatch now, not at the loop's next timeout
 
     def _oldest_undispatched(self) -> WorkItem | None:
         for item in self._held.values():
@@ -319,7 +321,9 @@ class MasterEngine(Engine):
     # -- loop thread ---------------------------------------------------------------------
     def step(self) -> None:
         assert self._sock is not None
-        if self._sock.poll(self.POLL_MS, zmq.POLLIN):
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if self.poll(poller):
             for _ in range(1000):
                 try:
                     identity, msg = receive(self._sock, routed=True, flags=zmq.NOBLOCK)
@@ -498,6 +502,8 @@ class MasterEngine(Engine):
                     pending.popleft()
                     peer.credit -= 1
                     peer.sent += 1
+                    self._dispatch_count += 1
+                    peer.last_sent = self._dispatch_count
                     peer.in_flight[tuple(key_of(item.msg))] = item
                     item.in_flight += 1
                     if item.msg.kind == m.FRAME:
@@ -558,9 +564,13 @@ class MasterEngine(Engine):
         return ring
 
     def _best_peer(self, group: str) -> Peer | None:
+        """The worker of ``group`` with the most free credit; on a tie the one served
+        longest ago, so idle workers share the frames in turn."""
         best = None
         for peer in self.peers.values():
-            if peer.group == group and peer.credit > 0 and (best is None or peer.credit > best.credit):
+            if peer.group != group or peer.credit <= 0:
+                continue
+            if best is None or (peer.credit, -peer.last_sent) > (best.credit, -best.last_sent):
                 best = peer
         return best
 

@@ -217,7 +217,7 @@ class SorterEngine(Engine):
         accepting = self._backlog() < self.outbox_capacity
         if accepting:
             poller.register(self._pull, zmq.POLLIN)
-        events = dict(poller.poll(self.POLL_MS))
+        events = self.poll(poller, 20 if self.batch_size > 1 else None)  # partial batches leave on time
         if self._router in events:
             self._serve_consumers()
         if self._pull in events:

@@ -99,6 +99,7 @@ class Peer:
     in_flight: OrderedDict[tuple, Any] = field(default_factory=OrderedDict)
     sent: int = 0
     done: int = 0
+    last_sent: int = 0  # dispatch number of the last item sent to this peer
 
     def describe(self) -> dict[str, Any]:
         return {

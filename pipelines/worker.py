@@ -160,7 +160,7 @@ class WorkerEngine(Engine):
         poller.register(self.link.sock, zmq.POLLIN)
         if self._outbox:
             poller.register(self._push, zmq.POLLOUT)
-        events = dict(poller.poll(self.POLL_MS))
+        events = self.poll(poller)
         if self.link.sock in events:
             self._receive()
         if self._outbox:
@@ -269,6 +269,7 @@ class WorkerEngine(Engine):
                     self.rings.done(handle)
             with self._outbox_lock:
                 self._outbox.append(out)
+            self.wake()  # send the result now, not at the loop's next timeout
 
     def _process_shared(self, msg: m.Message, handle: dict[str, Any]) -> m.Message:
         """Process a frame read from the master's shared memory; see the module docstring."""

@@ -255,3 +255,28 @@ def test_topic_filter_and_parameter_errors():
         assert bridge.max_rate_hz == 2.5
     finally:
         bridge.publisher.close()
+
+
+def test_definition_adds_bridge_devices_and_checks_their_keys(tmp_path):
+    from pipelines.definition import DefinitionError, PipelineDefinition
+
+    base = {"name": "p", "groups": {"main": {"steps": ["passthrough"]}, "raw": {"steps": ["passthrough"]}}}
+    definition = PipelineDefinition(
+        {**base, "lavue_bridges": {"raw": {"group": "raw", "port": 5557, "topics": ["image"]}}}, "p.yaml"
+    )
+    (spec,) = [s for s in definition.devices() if s.cls == "LavueBridge"]
+    assert (spec.name, spec.server) == ("p/lavue/raw", "LavueBridge/p-raw")
+    props = spec.tango_properties()
+    assert (
+        props["Upstream"] == ["p/sorter/raw"] and props["Port"] == ["5557"] and props["MaxRateHz"] == ["10.0"]
+    )
+    assert props["Topics"] == ["image"]  # a string array in Jive, not JSON
+    assert PipelineDefinition(base, "p.yaml").lavue_bridges == {}
+    for bridge, words in (
+        ({"group": "nope"}, "lavue_bridges.b.group: no worker group 'nope'"),
+        ({"group": "raw", "max_rate_hz": 0}, "lavue_bridges.b.max_rate_hz: expected a number > 0"),
+        ({"group": "raw", "topics": ["a/b"]}, "lavue_bridges.b.topics: expected result names"),
+        ({"group": "raw", "colour": "red"}, "lavue_bridges.b.colour: unknown key"),
+    ):
+        with pytest.raises(DefinitionError, match=words.replace("(", r"\(")):
+            PipelineDefinition({**base, "lavue_bridges": {"b": bridge}}, "p.yaml")

@@ -359,55 +359,84 @@ def _block_bounds(counts, target, max_rows):
     return bounds[: n + 1].copy()
 
 
+#: How a matrix stores its entries (see :class:`PixelBinMatrix`).
+WHOLE_PIXELS, SPLIT_PAIRS, ENTRIES = 0, 1, 2
+
+
 @dataclass
 class PixelBinMatrix:
     """The sparse pixel -> bin matrix (rows = bins, columns = pixels), row-compressed by blocks.
 
-    Consecutive rows (bins) are grouped in blocks of about equal numbers of entries;
-    ``block_rows``/``block_ptr`` give each block's first row and first entry (CSR's
-    ``indptr`` at block granularity). Within a block the entries are stored in pixel
-    order, each with its row inside the block (``local_rows``), so that a block's
-    pass over the frame walks memory forwards once instead of once per bin.
+    Consecutive rows (bins) are grouped in blocks of about equal work;
+    ``block_rows`` gives each block's first row and ``block_ptr`` its first item
+    (CSR's ``indptr`` at block granularity). Within a block the items are stored in
+    pixel order, each with its row inside the block (``local_rows``), so that a
+    block's pass over the frame walks memory forwards once instead of once per bin.
+    Items are one of three ``layout``:
 
-    Column (pixel) indices are stored one of two ways. With pixel splitting, one
-    per entry (``indices``). Without, a pixel appears at most once per block and a
-    block's pixels form long runs of consecutive indices (the rows of the image
-    crossing its annulus or sector), so they are stored as runs: ``run_ptr`` (first
-    run of each block), ``run_start`` and ``run_length``; the frame is then read as
-    contiguous slices. ``weights`` is empty when every weight is 1.
+    - ``WHOLE_PIXELS`` (no splitting): an item is a pixel with weight 1. A block's
+      pixels form long runs of consecutive indices (the image rows crossing its
+      annulus or sector), stored as ``run_ptr`` (first run of each block),
+      ``run_start`` and ``run_length``: the frame is read as contiguous slices.
+    - ``SPLIT_PAIRS`` (splitting): an item is a pixel shared by two neighbouring
+      rows, the share ``weights[i]`` to its row and 1 - that to the next row (a
+      pixel inside one bin is a pair with share 1, or share 0 to the row before on
+      a block's last row, so that the next row is always in the block). Pixels are
+      stored as runs as above; the entries that do not fit (pixels over three or
+      more bins, or cut by a range or a block edge) are listed apart in
+      ``extra_*``, one per entry.
+    - ``ENTRIES``: an item is an entry, with its pixel in ``indices``.
+
+    The weights are pyFAI's (``to_csr`` gives the plain per-bin CSR); the second
+    share of a pair is 1 - the first rather than a separately rounded float32.
     """
 
     n_rows: int
+    nnz: int
+    layout: int
     block_rows: np.ndarray  # int64, n_blocks + 1
-    block_ptr: np.ndarray  # int64, n_blocks + 1
-    local_rows: np.ndarray  # uint16 row - block_rows[block], per entry
-    weights: np.ndarray  # float32 per entry, or empty for all ones
-    indices: np.ndarray  # uint32 pixel index per entry, or empty when stored as runs
-    run_ptr: np.ndarray  # int64, n_blocks + 1 (empty without runs)
+    block_ptr: np.ndarray  # int64, n_blocks + 1: first item of each block
+    local_rows: np.ndarray  # uint16 per item: row - block_rows[block]
+    weights: np.ndarray  # float32 per item (empty for WHOLE_PIXELS)
+    indices: np.ndarray  # uint32 pixel per item (ENTRIES only)
+    run_ptr: np.ndarray  # int64, n_blocks + 1 (WHOLE_PIXELS, SPLIT_PAIRS)
     run_start: np.ndarray  # uint32 first pixel of each run
     run_length: np.ndarray  # uint32 pixels in each run
+    extra_ptr: np.ndarray  # int64, n_blocks + 1 (SPLIT_PAIRS)
+    extra_indices: np.ndarray  # uint32
+    extra_rows: np.ndarray  # uint16, row - block_rows[block]
+    extra_weights: np.ndarray  # float32
 
-    @property
-    def nnz(self) -> int:
-        return int(self.block_ptr[-1])
-
-    def entry_indices(self) -> np.ndarray:
-        """The pixel index of every entry (int64), whichever way they are stored."""
-        if self.run_ptr.size == 0:
+    def _item_pixels(self) -> np.ndarray:
+        if self.layout == ENTRIES:
             return self.indices.astype(np.int64)
         lengths = self.run_length.astype(np.int64)
-        first_entry = np.cumsum(lengths) - lengths
-        return np.repeat(self.run_start.astype(np.int64) - first_entry, lengths) + np.arange(lengths.sum())
+        first_item = np.cumsum(lengths) - lengths
+        return np.repeat(self.run_start.astype(np.int64) - first_item, lengths) + np.arange(lengths.sum())
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every nonzero entry as (row, pixel, weight) arrays (int64, int64, float64)."""
+        rows = np.repeat(self.block_rows[:-1], np.diff(self.block_ptr)) + self.local_rows
+        pixels = self._item_pixels()
+        if self.layout == WHOLE_PIXELS:
+            return rows, pixels, np.ones(rows.size)
+        share = self.weights.astype(np.float64)
+        if self.layout == ENTRIES:
+            return rows, pixels, share
+        extra_rows = np.repeat(self.block_rows[:-1], np.diff(self.extra_ptr)) + self.extra_rows
+        rows = np.concatenate([rows, rows + 1, extra_rows])
+        pixels = np.concatenate([pixels, pixels, self.extra_indices.astype(np.int64)])
+        share = np.concatenate([share, 1.0 - share, self.extra_weights.astype(np.float64)])
+        real = share != 0.0
+        return rows[real], pixels[real], share[real]
 
     def to_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The plain CSR (indptr, int32 indices, float32 weights) with each row's entries in pixel order."""
-        block_of_entry = np.repeat(np.arange(self.block_rows.size - 1), np.diff(self.block_ptr))
-        rows = self.block_rows[block_of_entry] + self.local_rows
-        order = np.argsort(rows, kind="stable")
+        """The plain CSR (indptr, int32 indices, float32 weights), each row's entries in pixel order."""
+        rows, pixels, weights = self.entries()
+        order = np.lexsort((pixels, rows))
         indptr = np.zeros(self.n_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=self.n_rows), out=indptr[1:])
-        weights = self.weights[order] if self.weights.size else np.ones(self.nnz, dtype=np.float32)
-        return indptr, self.entry_indices()[order].astype(np.int32), weights
+        return indptr, pixels[order].astype(np.int32), weights[order].astype(np.float32)
 
 
 #: Blocks per thread: few blocks keep each block's pass over the frame long and forward.
@@ -416,15 +445,74 @@ BLOCKS_PER_THREAD = 2
 MAX_BLOCK_ROWS = 65535
 
 
-def _runs(indices: np.ndarray, block_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _runs(pixels: np.ndarray, block_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of consecutive pixel indices within each block: (run_ptr, run_start, run_length)."""
-    starts = np.ones(indices.size, dtype=bool)
-    starts[1:] = np.diff(indices.astype(np.int64)) != 1
-    starts[block_ptr[:-1][block_ptr[:-1] < indices.size]] = True
+    starts = np.ones(pixels.size, dtype=bool)
+    starts[1:] = np.diff(pixels.astype(np.int64)) != 1
+    starts[block_ptr[:-1][block_ptr[:-1] < pixels.size]] = True
     first = np.flatnonzero(starts)
-    run_length = np.diff(np.append(first, indices.size)).astype(np.uint32)
+    run_length = np.diff(np.append(first, pixels.size)).astype(np.uint32)
     run_ptr = np.searchsorted(first, block_ptr).astype(np.int64)
-    return run_ptr, indices[first].copy(), run_length
+    return run_ptr, pixels[first].copy(), run_length
+
+
+@numba.njit(cache=True)
+def _pair_up(block_rows, block_ptr, indices, local_rows, weights):
+    """Split per-entry blocks (pixel order) into pairs (pixel, row, share of row; rest to row + 1)
+    and the leftover entries. A pixel within one bin becomes a pair with share 1 (or, on a
+    block's last row, share 0 to the row before)."""
+    n_blocks = block_rows.size - 1
+    size = indices.size
+    pair_ptr = np.zeros(n_blocks + 1, dtype=np.int64)
+    pair_pixels = np.empty(size, dtype=np.uint32)
+    pair_rows = np.empty(size, dtype=np.uint16)
+    pair_shares = np.empty(size, dtype=np.float32)
+    extra_ptr = np.zeros(n_blocks + 1, dtype=np.int64)
+    extra_pixels = np.empty(size, dtype=np.uint32)
+    extra_rows = np.empty(size, dtype=np.uint16)
+    extra_weights = np.empty(size, dtype=np.float32)
+    n_pairs = 0
+    n_extra = 0
+    for b in range(n_blocks):
+        n_local = block_rows[b + 1] - block_rows[b]
+        j = block_ptr[b]
+        stop = block_ptr[b + 1]
+        while j < stop:
+            end = j + 1
+            while end < stop and indices[end] == indices[j]:
+                end += 1
+            row = np.int64(local_rows[j])
+            share = np.float32(-1.0)
+            if end - j == 1 and weights[j] == 1.0 and n_local >= 2:
+                if row + 1 < n_local:
+                    share = np.float32(1.0)
+                else:
+                    row -= 1
+                    share = np.float32(0.0)
+            elif (
+                end - j == 2
+                and np.int64(local_rows[j + 1]) == row + 1
+                and abs(np.float64(weights[j]) + np.float64(weights[j + 1]) - 1.0) <= 2.5e-7
+            ):
+                share = weights[j]
+            if share >= 0.0:
+                pair_pixels[n_pairs] = indices[j]
+                pair_rows[n_pairs] = row
+                pair_shares[n_pairs] = share
+                n_pairs += 1
+            else:
+                for t in range(j, end):
+                    extra_pixels[n_extra] = indices[t]
+                    extra_rows[n_extra] = local_rows[t]
+                    extra_weights[n_extra] = weights[t]
+                    n_extra += 1
+            j = end
+        pair_ptr[b + 1] = n_pairs
+        extra_ptr[b + 1] = n_extra
+    return (
+        pair_ptr, pair_pixels[:n_pairs].copy(), pair_rows[:n_pairs].copy(), pair_shares[:n_pairs].copy(),
+        extra_ptr, extra_pixels[:n_extra].copy(), extra_rows[:n_extra].copy(), extra_weights[:n_extra].copy(),
+    )  # fmt: skip
 
 
 def build_matrix(
@@ -434,8 +522,14 @@ def build_matrix(
     chi_filter: tuple[float, float] | None,
     split: bool,
     blocks: int | None = None,
+    layout: int | None = None,
 ) -> PixelBinMatrix:
-    """The pixel -> bin matrix of pyFAI's CSR engine (same entries, same float32 weights)."""
+    """The pixel -> bin matrix of pyFAI's CSR engine (same entries, same float32 weights).
+
+    ``layout`` defaults to ``WHOLE_PIXELS`` without splitting and, with splitting,
+    ``SPLIT_PAIRS`` when at most a tenth of the entries are left over as extras
+    (1D patterns), else ``ENTRIES`` (cakes, whose pixels often straddle two sectors).
+    """
     empty = np.empty(0)
     r = radial_axis
     if azimuth_axis is not None:
@@ -483,14 +577,24 @@ def build_matrix(
         local_rows,
         weights,
     )
-    run_ptr, run_start, run_length = np.empty(0, np.int64), no_u32, no_u32
-    if not split or bool(np.all(weights == 1.0)):
-        weights = no_f32  # every weight is 1: the kernel then reads no weights at all
-        if not split:  # each pixel at most once per block: store the pixels as runs
-            run_ptr, run_start, run_length = _runs(indices, block_ptr)
-            indices = no_u32
+    chosen = layout
+    layout = (SPLIT_PAIRS if split else WHOLE_PIXELS) if layout is None else layout
+    no_runs = (np.zeros(block_rows.size, np.int64), no_u32, no_u32)
+    no_extra = (np.zeros(block_rows.size, np.int64), no_u32, no_u16, no_f32)
+    if layout == WHOLE_PIXELS:
+        if split and not bool(np.all(weights == 1.0)):
+            raise ValueError("a split matrix cannot be stored as whole pixels")
+        return PixelBinMatrix(n_rows, nnz, layout, block_rows, block_ptr, local_rows, no_f32, no_u32,
+                              *_runs(indices, block_ptr), *no_extra)  # fmt: skip
+    if layout == SPLIT_PAIRS:
+        pair_ptr, pair_pixels, pair_rows, shares, *extra = _pair_up(
+            block_rows, block_ptr, indices, local_rows, weights
+        )
+        if chosen is not None or extra[1].size <= nnz // 10:
+            return PixelBinMatrix(n_rows, nnz, layout, block_rows, pair_ptr, pair_rows, shares, no_u32,
+                                  *_runs(pair_pixels, pair_ptr), *extra)  # fmt: skip
     return PixelBinMatrix(
-        n_rows, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start, run_length
+        n_rows, nnz, ENTRIES, block_rows, block_ptr, local_rows, weights, indices, *no_runs, *no_extra
     )
 
 
@@ -498,58 +602,74 @@ def build_matrix(
 
 
 @numba.njit(cache=True)
-def _careful_block(frame, block, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start, run_length,
-                   pixel_norm, check_dummy, dummy, pixel_mask, empty, out):  # fmt: skip
+def _careful_block(frame, block, layout, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start,
+                   run_length, extra_ptr, extra_indices, extra_rows, extra_weights, pixel_norm, check_dummy, dummy,
+                   pixel_mask, empty, out):  # fmt: skip
     """One block again, leaving out NaN / dummy / masked pixels from signal and normalisation."""
     r0 = block_rows[block]
     n = block_rows[block + 1] - r0
-    unit = weights.size == 0
     check_mask = pixel_mask.size > 0
-    signal = np.zeros(n)
-    normalization = np.zeros(n)
+    signal = np.zeros(n + 1)
+    normalization = np.zeros(n + 1)
     j = block_ptr[block]
     stop = block_ptr[block + 1]
-    run = run_ptr[block] if run_ptr.size > 0 else 0
+    run = run_ptr[block] if layout != ENTRIES else 0
     offset = 0
     while j < stop:
-        if run_ptr.size > 0:
+        if layout == ENTRIES:
+            idx = np.int64(indices[j])
+        else:
             idx = np.int64(run_start[run]) + offset
             offset += 1
             if offset == run_length[run]:
                 run += 1
                 offset = 0
-        else:
-            idx = np.int64(indices[j])
-        v = frame[idx]
-        w = 1.0 if unit else np.float64(weights[j])
         k = local_rows[j]
+        w = 1.0 if layout == WHOLE_PIXELS else np.float64(weights[j])
         j += 1
+        v = frame[idx]
         if v != v or (check_dummy and v == dummy) or (check_mask and pixel_mask[idx] != 0):
             continue
-        signal[k] += w * v
-        normalization[k] += w * np.float64(pixel_norm[idx])
+        norm = np.float64(pixel_norm[idx])
+        if w != 0.0:
+            signal[k] += w * v
+            normalization[k] += w * norm
+        if layout == SPLIT_PAIRS and w != 1.0:
+            signal[k + 1] += (1.0 - w) * v
+            normalization[k + 1] += (1.0 - w) * norm
+    if layout == SPLIT_PAIRS:
+        for e in range(extra_ptr[block], extra_ptr[block + 1]):
+            idx = np.int64(extra_indices[e])
+            v = frame[idx]
+            if v != v or (check_dummy and v == dummy) or (check_mask and pixel_mask[idx] != 0):
+                continue
+            w = np.float64(extra_weights[e])
+            signal[extra_rows[e]] += w * v
+            normalization[extra_rows[e]] += w * np.float64(pixel_norm[idx])
     for k in range(n):
         out[r0 + k] = signal[k] / normalization[k] if normalization[k] > 0.0 else empty
 
 
 @numba.njit(parallel=True, cache=True)
-def matrix_integrate(frame, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start, run_length,
-                     denominator, pixel_norm, check_dummy, dummy, pixel_mask, empty, acc, out):  # fmt: skip
+def matrix_integrate(frame, layout, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start, run_length,
+                     extra_ptr, extra_indices, extra_rows, extra_weights, denominator, pixel_norm, check_dummy, dummy,
+                     pixel_mask, empty, acc, out):  # fmt: skip
     """out[row] = (sum_j w_j frame[idx_j]) / denominator[row]: the matrix-vector product, parallel over blocks of bins.
 
-    ``acc`` is (4, rows) scratch (int64 for integer frames without weights: exact
-    sums; float64 otherwise); entry j adds to acc[j % 4] so that neighbouring
-    pixels, which often share a bin, update different memory. A block with a NaN
-    sum (a NaN pixel) is summed again without its bad pixels; with a dummy value or
-    a per-frame ``pixel_mask`` (non-empty) every block takes that careful path.
+    ``acc`` is (4, rows) scratch (int64 for integer frames and whole pixels:
+    exact sums; float64 otherwise); consecutive items add to different rows of it,
+    so that neighbouring pixels, which often share a bin, update different memory.
+    A block with a NaN sum (a NaN pixel) is summed again without its bad pixels;
+    with a dummy value or a per-frame ``pixel_mask`` (non-empty) every block takes
+    that careful path.
     """
-    runs = run_ptr.size > 0
     careful = check_dummy or pixel_mask.size > 0
     for block in numba.prange(block_rows.size - 1):
         r0 = block_rows[block]
         r1 = block_rows[block + 1]
         redo = careful
         if not careful:
+            # (a pair's next row is always inside its block: the blocks' rows never overlap)
             a0 = acc[0, r0:r1]
             a1 = acc[1, r0:r1]
             a2 = acc[2, r0:r1]
@@ -560,7 +680,7 @@ def matrix_integrate(frame, block_rows, block_ptr, local_rows, weights, indices,
             a3[:] = 0
             j = block_ptr[block]
             stop = block_ptr[block + 1]
-            if runs:  # no splitting: contiguous slices of the frame, weights all 1
+            if layout == WHOLE_PIXELS:  # contiguous slices of the frame, weights all 1
                 for run in range(run_ptr[block], run_ptr[block + 1]):
                     n = np.int64(run_length[run])
                     values = frame[np.int64(run_start[run]) : np.int64(run_start[run]) + n]
@@ -576,16 +696,31 @@ def matrix_integrate(frame, block_rows, block_ptr, local_rows, weights, indices,
                         a0[rows[q]] += values[q]
                         q += 1
                     j += n
-            elif weights.size == 0:
-                while j + 3 < stop:
-                    a0[local_rows[j]] += frame[indices[j]]
-                    a1[local_rows[j + 1]] += frame[indices[j + 1]]
-                    a2[local_rows[j + 2]] += frame[indices[j + 2]]
-                    a3[local_rows[j + 3]] += frame[indices[j + 3]]
-                    j += 4
-                while j < stop:
-                    a0[local_rows[j]] += frame[indices[j]]
-                    j += 1
+            elif layout == SPLIT_PAIRS:  # contiguous slices, each pixel shared by a row and the next
+                for run in range(run_ptr[block], run_ptr[block + 1]):
+                    n = np.int64(run_length[run])
+                    values = frame[np.int64(run_start[run]) : np.int64(run_start[run]) + n]
+                    rows = local_rows[j : j + n]
+                    shares = weights[j : j + n]
+                    q = 0
+                    while q + 1 < n:
+                        v = np.float64(values[q])
+                        x = shares[q] * v
+                        a0[rows[q]] += x
+                        a1[rows[q] + 1] += v - x
+                        v = np.float64(values[q + 1])
+                        x = shares[q + 1] * v
+                        a2[rows[q + 1]] += x
+                        a3[rows[q + 1] + 1] += v - x
+                        q += 2
+                    if q < n:
+                        v = np.float64(values[q])
+                        x = shares[q] * v
+                        a0[rows[q]] += x
+                        a1[rows[q] + 1] += v - x
+                    j += n
+                for e in range(extra_ptr[block], extra_ptr[block + 1]):
+                    a2[extra_rows[e]] += extra_weights[e] * np.float64(frame[extra_indices[e]])
             else:
                 while j + 3 < stop:
                     a0[local_rows[j]] += weights[j] * np.float64(frame[indices[j]])
@@ -604,17 +739,15 @@ def matrix_integrate(frame, block_rows, block_ptr, local_rows, weights, indices,
                 d = denominator[r0 + k]
                 out[r0 + k] = s / d if d > 0.0 else empty
         if redo:
-            _careful_block(frame, block, block_rows, block_ptr, local_rows, weights, indices, run_ptr, run_start,
-                           run_length, pixel_norm, check_dummy, dummy, pixel_mask, empty, out)  # fmt: skip
+            _careful_block(frame, block, layout, block_rows, block_ptr, local_rows, weights, indices, run_ptr,
+                           run_start, run_length, extra_ptr, extra_indices, extra_rows, extra_weights, pixel_norm,
+                           check_dummy, dummy, pixel_mask, empty, out)  # fmt: skip
 
 
 def matrix_row_sums(matrix: PixelBinMatrix, vector: np.ndarray) -> np.ndarray:
     """sum_j w_j vector[idx_j] per row, float64: the frame-independent normalisation."""
-    rows = np.repeat(matrix.block_rows[:-1], np.diff(matrix.block_ptr)) + matrix.local_rows
-    values = vector.astype(np.float64)[matrix.entry_indices()]
-    if matrix.weights.size:
-        values *= matrix.weights
-    return np.bincount(rows, weights=values, minlength=matrix.n_rows)
+    rows, pixels, weights = matrix.entries()
+    return np.bincount(rows, weights=weights * vector.astype(np.float64)[pixels], minlength=matrix.n_rows)
 
 
 # ---------------------------------------------------------------- the steps
@@ -760,7 +893,7 @@ class _Integrator:
             chi_unwrap_from=self.chi_unwrap_from,
         )
 
-    def _build(self, shape: tuple[int, int]) -> None:
+    def _build(self, shape: tuple[int, int], layout: int | None = None) -> None:
         """Bins, the pixel -> bin matrix and its normalisation sums: everything frame-independent."""
         pixels = self.pixel_table(shape)
         self.radial_axis = radial_bins(pixels, self.npt, self.radial_range, self.unit.scale)
@@ -768,12 +901,10 @@ class _Integrator:
         if self.two_d:
             self.azimuth_axis = azimuth_bins(pixels, self.npt_azim, self.chi_range)
         r = self.radial_axis
-        self.matrix = build_matrix(
-            pixels, r, self.azimuth_axis, None if self.two_d else self.chi_range, self.split
-        )
-        m = self.matrix
+        chi_filter = None if self.two_d else self.chi_range
+        self.matrix = build_matrix(pixels, r, self.azimuth_axis, chi_filter, self.split, layout=layout)
         self.pixel_norm = pixels.norm
-        self.denominator = matrix_row_sums(m, pixels.norm)
+        self.denominator = matrix_row_sums(self.matrix, pixels.norm)
         self._scratch: dict[bool, np.ndarray] = {}
         self.radial = r.centers() * self.unit.scale
         self.radial.setflags(write=False)
@@ -782,6 +913,13 @@ class _Integrator:
             self.azimuthal.setflags(write=False)
         self.shape = (int(shape[0]), int(shape[1]))
         self.geometry = self.geometry.with_shape(self.shape)
+
+    def rebuild(self, layout: int) -> None:
+        """Store the matrix in another layout (``SPLIT_PAIRS`` or ``ENTRIES`` when splitting):
+        the same results at another speed, for tests and benchmarks."""
+        if self.shape is None:
+            raise ValueError("the tables are not built yet: integrate a frame first")
+        self._build(self.shape, layout)
 
     # -- per frame
 
@@ -809,13 +947,14 @@ class _Integrator:
             flat_mask = _native_frame(pixel_mask)
         flat = _native_frame(frame)
         m = self.matrix
-        exact = m.weights.size == 0 and flat.dtype.kind in "ui" and flat.dtype.itemsize <= 4
+        exact = m.layout == WHOLE_PIXELS and flat.dtype.kind in "ui" and flat.dtype.itemsize <= 4
         scratch = self._scratch.get(exact)
         if scratch is None:
             dtype = np.int64 if exact else np.float64
             scratch = self._scratch[exact] = np.empty((4, m.n_rows), dtype)
         matrix_integrate(
             flat,
+            m.layout,
             m.block_rows,
             m.block_ptr,
             m.local_rows,
@@ -824,6 +963,10 @@ class _Integrator:
             m.run_ptr,
             m.run_start,
             m.run_length,
+            m.extra_ptr,
+            m.extra_indices,
+            m.extra_rows,
+            m.extra_weights,
             self.denominator,
             self.pixel_norm,
             self.dummy is not None,
