@@ -7,7 +7,8 @@ to 1000 x 360 bins by ``azimuthal2d`` and ``integrate2d``. For pyFAI every Cytho
 method that matches the splitting (histogram, CSR, CSC; LUT too in 1D) is timed and the
 fastest is the reference. Both use all the process's cores: numba's threads and
 pyFAI's OpenMP threads (``OMP_NUM_THREADS`` unset means all cores; set it and
-``NUMBA_NUM_THREADS`` to 1 to compare one core each). Blocks of calls alternate
+``NUMBA_NUM_THREADS`` to 1 to compare one core each), with ``OMP_WAIT_POLICY=PASSIVE``
+as in the workers unless set otherwise. Blocks of calls alternate
 between the two so that load from elsewhere hits both alike; times are medians
 (minima beside them: on a shared machine they show the cost without others' load),
 after a first call that builds pyFAI's tables and loads (or compiles) our kernel
@@ -108,6 +109,10 @@ def _case(
 
 def run(quick: bool = False) -> list[dict]:
     """One row per case: our step against pyFAI's fastest method for the same splitting."""
+    # As in the workers (devices/worker.py): idle OpenMP threads sleep rather than spin.
+    # pyFAI and numba each load their own OpenMP runtime; spinning threads of the one
+    # that ran last would otherwise steal the cores from the other.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import pyFAI
 
     logging.getLogger("pyFAI").setLevel(logging.ERROR)
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"numba {numba.__version__}: {numba.get_num_threads()} threads ({numba.threading_layer()}); "
         f"pyFAI OpenMP threads: {os.environ.get('OMP_NUM_THREADS', 'all cores')}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
         f"cores available: {len(os.sched_getaffinity(0))}"
     )
     header = (

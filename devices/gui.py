@@ -196,6 +196,14 @@ def arrange_panels(gui: Any) -> None:
     Qt.QTimer.singleShot(0, sizes)
 
 
+def save_screenshot(widget: Any, path: str | os.PathLike) -> bool:
+    """Save ``widget`` as a PNG of its size in pixels (whatever the screen's pixel ratio)."""
+    image = widget.grab().toImage()
+    if (image.width(), image.height()) != (widget.width(), widget.height()):
+        image = image.scaled(widget.width(), widget.height())
+    return bool(image.save(str(path), "PNG"))
+
+
 def qt_application() -> Any:
     """The running Qt application, or a new TaurusApplication (headless when there is no display)."""
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
@@ -231,7 +239,7 @@ def run_gui(
         gui.SAVE_SETTINGS_ON_CLOSE = False
 
         def grab() -> None:
-            if not gui.grab().save(str(screenshot), "PNG"):
+            if not save_screenshot(gui, screenshot):
                 print(f"tangopipe: cannot write {screenshot}", file=sys.stderr)
                 status["code"] = 1
             app.quit()

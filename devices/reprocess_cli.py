@@ -34,13 +34,31 @@ from . import deploy
 from .database import DeploymentError
 
 #: metadata of an input scan that must not follow it: where its files went, what the
-#: pipeline adds itself
-DROPPED_META = ("scan_dir", "scan_file", "processing", "source", "frames", "file", "processing_version_base")
+#: pipeline adds itself, how its frames were paced (the file source carries the positions)
+DROPPED_META = (
+    "scan_dir",
+    "scan_file",
+    "processing",
+    "source",
+    "frames",
+    "file",
+    "processing_version_base",
+    "point_trigger",
+    "rate_hz",
+    "reprocessed_from",
+    "original_processing_json",
+)
 
 
 def reprocess_definition(
-    data: dict[str, Any], inputs: list[str], output: str, *, groups: list[str] | None = None,
-    rate_hz: float = 0.0, dataset: str = "", name: str = "",
+    data: dict[str, Any],
+    inputs: list[str],
+    output: str,
+    *,
+    groups: list[str] | None = None,
+    rate_hz: float = 0.0,
+    dataset: str = "",
+    name: str = "",
 ) -> dict[str, Any]:
     """The definition ``data`` turned into its reprocessing twin (see the module docstring)."""
     out = json.loads(json.dumps(data))  # a deep copy of plain YAML data
@@ -48,11 +66,17 @@ def reprocess_definition(
     keep = groups or known
     unknown = [g for g in keep if g not in known]
     if unknown:
-        raise DefinitionError(f"--groups: no worker group {', '.join(unknown)}; groups are {', '.join(known)}")
+        raise DefinitionError(
+            f"--groups: no worker group {', '.join(unknown)}; groups are {', '.join(known)}"
+        )
     out["name"] = name or f"{out.get('name', 'pipeline')}-re"[:31]
     master = out.setdefault("master", {}) or {}
     out["master"] = master
-    source: dict[str, Any] = {"kind": "files", "files": [str(Path(p).resolve()) for p in inputs], "rate_hz": rate_hz}
+    source: dict[str, Any] = {
+        "kind": "files",
+        "files": [str(Path(p).resolve()) for p in inputs],
+        "rate_hz": rate_hz,
+    }
     if dataset:
         source["dataset"] = dataset
     master["source"] = source
@@ -71,8 +95,11 @@ def reprocess_definition(
     if not out["lavue_bridges"]:
         out.pop("lavue_bridges")
     writers = out.get("writers") or {}
-    out["writers"] = {n: dict(w, directory=str(Path(output).resolve())) for n, w in writers.items()
-                      if w.get("group") in keep}
+    out["writers"] = {
+        n: dict(w, directory=str(Path(output).resolve()))
+        for n, w in writers.items()
+        if w.get("group") in keep
+    }
     return out
 
 
@@ -81,8 +108,11 @@ def input_scan(path: str, dataset: str = "") -> dict[str, Any]:
     from pipelines.files import open_h5
     from pipelines.sources.files import count_frames
 
-    meta: dict[str, Any] = {"file": str(Path(path).resolve()), "frames": count_frames(path, dataset),
-                            "reprocessed_from": str(Path(path).resolve())}
+    meta: dict[str, Any] = {
+        "file": str(Path(path).resolve()),
+        "frames": count_frames(path, dataset),
+        "reprocessed_from": str(Path(path).resolve()),
+    }
     if Path(path).suffix.lower() not in (".h5", ".hdf5", ".nxs", ".hdf", ".nx5"):
         return meta
     with open_h5(path) as f:
@@ -111,8 +141,15 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     with open(args.config, encoding="utf-8") as fh:
         data = yaml.safe_load(fh)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
-    twin = reprocess_definition(data, args.files, args.output, groups=groups, rate_hz=args.rate,
-                                dataset=args.dataset or "", name=args.name or "")
+    twin = reprocess_definition(
+        data,
+        args.files,
+        args.output,
+        groups=groups,
+        rate_hz=args.rate,
+        dataset=args.dataset or "",
+        name=args.name or "",
+    )
     state = deploy.state_folder() / "reprocess"
     state.mkdir(parents=True, exist_ok=True)
     config = state / f"{twin['name']}.yaml"
@@ -130,8 +167,10 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     os.environ["TANGOPIPE_STATE"] = str(state)
     results = []
     try:
-        print(f"tangopipe reprocess: {len(scans)} input(s) through {definition.name}, files in {args.output}",
-              file=sys.stderr)
+        print(
+            f"tangopipe reprocess: {len(scans)} input(s) through {definition.name}, files in {args.output}",
+            file=sys.stderr,
+        )
         session = deploy.up(str(config), os.environ.get("TANGO_HOST"), timeout=args.timeout)
         try:
             for path, meta in zip(args.files, scans, strict=True):
@@ -152,14 +191,22 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "reprocess", help="run a pipeline definition on files (one scan per file), new results beside the old",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "reprocess",
+        help="run a pipeline definition on files (one scan per file), new results beside the old",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="pipeline definition (YAML) whose steps to run")
-    p.add_argument("files", nargs="+", help="inputs: HDF5/NeXus files, Eiger master files, TIFF files or folders")
+    p.add_argument(
+        "files", nargs="+", help="inputs: HDF5/NeXus files, Eiger master files, TIFF files or folders"
+    )
     p.add_argument("--output", default="reprocessed", help="folder of the new files (default: ./reprocessed)")
-    p.add_argument("--groups", help="worker groups to run, comma-separated (default: all; e.g. not the raw-frame one)")
-    p.add_argument("--rate", type=float, default=0.0, help="frames per second (default 0: as fast as possible)")
+    p.add_argument(
+        "--groups", help="worker groups to run, comma-separated (default: all; e.g. not the raw-frame one)"
+    )
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="frames per second (default 0: as fast as possible)"
+    )
     p.add_argument("--dataset", help="HDF5 dataset of the frames (default: found in each file)")
     p.add_argument("--name", help="name of the reprocessing pipeline (default: <name>-re)")
     p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the devices (default 90)")

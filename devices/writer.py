@@ -29,33 +29,53 @@ PROPERTY_OF = {
 class PipelineWriter(PipelineDevice):
     """Writes each scan of a sorter's ordered stream to files: NeXus/HDF5, TIFF, PNG plots or a cube."""
 
-    Upstream = device_property(dtype=str, default_value="", doc="the sorter device this writer takes results from")
+    Upstream = device_property(
+        dtype=str, default_value="", doc="the sorter device this writer takes results from"
+    )
     Kind = device_property(
-        dtype=str, default_value="nexus",
+        dtype=str,
+        default_value="nexus",
         doc="nexus (HDF5, every result), tiff (images, one file per frame), graphs (PNG plots), cube (binned)",
     )
     Directory = device_property(dtype=str, default_value="data", doc="folder of the scan files")
     FilePattern = device_property(
-        dtype=str, default_value="",
+        dtype=str,
+        default_value="",
         doc="file name; fields {pipeline}, {scan}, {stream} (tiff: {name}, {index}; graphs: {name}); empty: the kind's",
     )
     Pipeline = device_property(dtype=str, default_value="tangopipe", doc="pipeline name used in file names")
-    FlushPeriod = device_property(dtype=float, default_value=1.0, doc="seconds between flushes of the open file")
+    FlushPeriod = device_property(
+        dtype=float, default_value=1.0, doc="seconds between flushes of the open file"
+    )
     Compression = device_property(
-        dtype=str, default_value="none", doc="nexus: none, gzip or bslz4 (bitshuffle-LZ4, readers need hdf5plugin)"
+        dtype=str,
+        default_value="none",
+        doc="nexus: none, gzip or bslz4 (bitshuffle-LZ4, readers need hdf5plugin)",
     )
     SaveRaw = device_property(
         dtype=bool, default_value=True, doc="nexus: write raw frames (result 'image' of a passthrough step)"
     )
-    Swmr = device_property(dtype=bool, default_value=True, doc="nexus: readers may open the file while it is written")
-    Results = device_property(
-        dtype=str, default_value="", doc="tiff, graphs, cube: results to write, comma-separated (empty: all that fit)"
+    Swmr = device_property(
+        dtype=bool, default_value=True, doc="nexus: readers may open the file while it is written"
     )
-    Maps = device_property(dtype=str, default_value="", doc="graphs: scalar results plotted as maps, comma-separated")
-    PlotEvery = device_property(dtype=int, default_value=0, doc="graphs: also plot profiles of every N-th frame")
-    CubeBy = device_property(dtype=str, default_value="", doc="cube: scan variable to bin by (result, motor, metadata)")
+    Results = device_property(
+        dtype=str,
+        default_value="",
+        doc="tiff, graphs, cube: results to write, comma-separated (empty: all that fit)",
+    )
+    Maps = device_property(
+        dtype=str, default_value="", doc="graphs: scalar results plotted as maps, comma-separated"
+    )
+    PlotEvery = device_property(
+        dtype=int, default_value=0, doc="graphs: also plot profiles of every N-th frame"
+    )
+    CubeBy = device_property(
+        dtype=str, default_value="", doc="cube: scan variable to bin by (result, motor, metadata)"
+    )
     CubeBins = device_property(
-        dtype=str, default_value="", doc='cube: bin edges as JSON, [0, 1, 2] or {"start": 0, "stop": 2, "count": 2}'
+        dtype=str,
+        default_value="",
+        doc='cube: bin edges as JSON, [0, 1, 2] or {"start": 0, "stop": 2, "count": 2}',
     )
     RetryPeriod = device_property(
         dtype=float, default_value=5.0, doc="seconds between attempts to write again after a storage fault"
@@ -64,7 +84,9 @@ class PipelineWriter(PipelineDevice):
     FramesWritten = counter("FramesWritten", "frames", "results written to files")
     GapsWritten = counter("GapsWritten", "frames", "gap rows written (frames without a result)")
     ScansDone = counter("ScansDone", "scans", "scans closed")
-    HeldMessages = counter("HeldMessages", "messages", "messages held after a storage fault (no credit upstream)")
+    HeldMessages = counter(
+        "HeldMessages", "messages", "messages held after a storage fault (no credit upstream)"
+    )
     StorageFaults = counter("StorageFaults", "", "storage faults seen (full disk, unwritable folder)")
 
     engine: WriterEngine

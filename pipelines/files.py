@@ -87,7 +87,9 @@ def read_result(path: str | os.PathLike, stream: str, index: int, scan: Any = No
         group = _main_group(entry, stream)
         valid = group["valid"]
         if not 0 <= index < valid.shape[0]:
-            raise KeyError(f"scan {scan!r} stream {stream!r} index {index}: not in {path} ({valid.shape[0]} rows)")
+            raise KeyError(
+                f"scan {scan!r} stream {stream!r} index {index}: not in {path} ({valid.shape[0]} rows)"
+            )
         if not valid[index]:
             raise KeyError(f"scan {scan!r} stream {stream!r} index {index}: a gap (no result) in {path}")
         out = m.Message(m.RESULT, scan=scan, index=index, stream=stream, meta={"file": str(path)})
@@ -107,8 +109,10 @@ def read_result(path: str | os.PathLike, stream: str, index: int, scan: Any = No
                 member = entry.get(name)  # a derived stream's companion file, through its link
             except (KeyError, OSError):
                 continue
-            if isinstance(member, h5py.Group) and member.attrs.get("NX_class") == "NXdata" and (
-                "index" in member and "valid" not in member
+            if (
+                isinstance(member, h5py.Group)
+                and member.attrs.get("NX_class") == "NXdata"
+                and ("index" in member and "valid" not in member)
             ):
                 _ragged(member, index, name, out)
                 derived.add(name)
@@ -133,8 +137,12 @@ def glob_escape(text: str) -> str:
 class ScanFileIndex:
     """Where the NeXus writer put a scan, and what it holds."""
 
-    def __init__(self, directory: str | os.PathLike, pattern: str = "{pipeline}_scan{scan:05}.h5",
-                 pipeline: str = "tangopipe"):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        pattern: str = "{pipeline}_scan{scan:05}.h5",
+        pipeline: str = "tangopipe",
+    ):
         from .writers import check_pattern
 
         self.directory = Path(directory)
@@ -163,7 +171,11 @@ class ScanFileIndex:
         suffixed = re.compile(re.escape(base.stem) + r"_\d+" + re.escape(base.suffix) + "$")
         found = [base] if base.exists() else []
         if base.parent.is_dir():
-            found += [p for p in base.parent.glob(f"{glob_escape(base.stem)}_*{base.suffix}") if suffixed.match(p.name)]
+            found += [
+                p
+                for p in base.parent.glob(f"{glob_escape(base.stem)}_*{base.suffix}")
+                if suffixed.match(p.name)
+            ]
         return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
 
     def read(self, scan: Any, stream: str, index: int, meta: Mapping[str, Any] | None = None) -> m.Message:

@@ -22,7 +22,7 @@ import zmq
 
 from . import message as m
 from .engine import Engine, Health
-from .transport import BadPeerMessage, Peer, bind_socket, receive, send
+from .transport import BadPeerMessage, Peer, bind_socket, key_of, receive, send
 
 
 @dataclass
@@ -194,7 +194,10 @@ class SorterEngine(Engine):
         self._last_expire = 0.0
 
     def setup(self) -> None:
-        self._pull, self.collect_endpoint = bind_socket(self.context, zmq.PULL, self.bind, self.ports[0])
+        # workers' results arrive on a ROUTER so that each can be confirmed to its worker,
+        # which acknowledges the frame to the master only then (end to end: a worker
+        # killed with results still in its socket loses nothing, the master re-sends)
+        self._pull, self.collect_endpoint = bind_socket(self.context, zmq.ROUTER, self.bind, self.ports[0])
         self._pull.rcvhwm = 16
         self._router, self.endpoint = bind_socket(self.context, zmq.ROUTER, self.bind, self.ports[1])
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -232,24 +235,32 @@ class SorterEngine(Engine):
 
     def _collect(self) -> None:
         assert self._pull is not None
+        received: dict[bytes, list] = {}
         for _ in range(64):
             if self._backlog() >= self.outbox_capacity:
-                return
+                break
             try:
-                _, msg = receive(self._pull, flags=zmq.NOBLOCK)
+                identity, msg = receive(self._pull, routed=True, flags=zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             except BadPeerMessage as exc:
                 self.stats.bad.record(exc.reason, exc.detail)
                 continue
             if msg.kind not in m.DATA_KINDS or msg.kind == m.FRAME:
                 self.stats.bad.record("unexpected_kind", f"{msg.kind} on the collect port")
                 continue
+            assert identity is not None
+            received.setdefault(identity, []).append(key_of(msg))
             if msg.kind == m.RESULT:
                 self.stats.count_in(msg.nbytes())
             if msg.kind == m.SCAN_START:
                 self.stats.reset_scan()
             self._deliver(self.reorder.push(msg.stamp(self.name)))
+        for identity, keys in received.items():  # taken (or known duplicates): the worker may ack them
+            try:
+                send(self._pull, m.control(m.CREDIT, received=keys), identity, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the worker is gone or busy; it sends again and the duplicate is dropped
 
     def _deliver(self, ready: list[m.Message]) -> None:
         now = time.time()

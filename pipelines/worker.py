@@ -1,10 +1,11 @@
 """The worker: take frames from the master by credit, run the step chain, push results.
 
-Two threads: the loop thread owns the sockets (credit link to the master, PUSH to
+Two threads: the loop thread owns the sockets (credit link to the master, DEALER to
 the sorter) and keeps heartbeats flowing even while a long computation runs in
 the compute thread. A result is acknowledged to the master only once the sorter
-has taken it, so a worker that dies loses nothing: the master sends its frames
-again. A step that fails on a frame yields a gap record naming the error, so the
+has confirmed receiving it (not merely once it was handed to a socket), so a
+worker killed with results still in its socket loses nothing: the master sends
+its frames again. A step that fails on a frame yields a gap record naming the error, so the
 sorter does not wait for a result that will never come.
 
 On the master's host, frames come through the master's shared-memory ring
@@ -31,7 +32,7 @@ from . import message as m
 from . import shm
 from .engine import Engine, Health
 from .steps import StepChain
-from .transport import BadPeerMessage, UpstreamLink, key_of, receive, send
+from .transport import BadPeerMessage, UpstreamLink, key_of, new_identity, receive, send
 
 
 def split_results(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -79,6 +80,10 @@ class MasterLink(UpstreamLink):
         self._send(m.Message(m.CREDIT, body={"n": len(keys), "refused": keys, "reason": reason[:200]}))
 
 
+#: a result the sorter has not confirmed after this long is sent again
+CONFIRM_TIMEOUT_S = 5.0
+
+
 class WorkerEngine(Engine):
     """One worker of a group; see the module docstring."""
 
@@ -112,6 +117,9 @@ class WorkerEngine(Engine):
         self._wanted: tuple[str, str] | None = None
         self._connected: tuple[str, str] | None = None
         self._push: zmq.Socket | None = None
+        # results sent to the sorter and not yet confirmed by it: key -> (message, master key, sent at)
+        self._unconfirmed: dict[tuple, tuple[m.Message, list, float]] = {}
+        self.resent = 0
         self._compute: threading.Thread | None = None
         self.processing_errors = 0
         self.last_error = ""
@@ -141,10 +149,13 @@ class WorkerEngine(Engine):
         master_ep, sorter_ep = self._wanted
         if self._push is not None:
             self._push.close(0)
-        self._push = self.context.socket(zmq.PUSH)
+        self._push = self.context.socket(zmq.DEALER)
         self._push.linger = 0
         self._push.sndhwm = 8
+        self._push.routing_id = new_identity(self.name)
         self._push.connect(sorter_ep)
+        for key, (msg, done_key, _) in list(self._unconfirmed.items()):  # a new sorter: send again
+            self._unconfirmed[key] = (msg, done_key, 0.0)
         self.link.connect(master_ep, outstanding=self._busy)
         self._connected = self._wanted
         self.set_health(Health.ON, f"Connected: frames from {master_ep}, results to {sorter_ep}")
@@ -158,13 +169,16 @@ class WorkerEngine(Engine):
         assert self.link.sock is not None and self._push is not None
         poller = zmq.Poller()
         poller.register(self.link.sock, zmq.POLLIN)
-        if self._outbox:
-            poller.register(self._push, zmq.POLLOUT)
+        poller.register(self._push, zmq.POLLIN | (zmq.POLLOUT if self._outbox else 0))
         events = self.poll(poller)
         if self.link.sock in events:
             self._receive()
+        if events.get(self._push, 0) & zmq.POLLIN:
+            self._confirmed()
         if self._outbox:
             self._flush()
+        if self._unconfirmed:
+            self._resend_unconfirmed()
         if self.link.heartbeat_due(self.heartbeat_s):
             self.link.heartbeat()
         if self.health is Health.RUNNING and time.monotonic() - self._last_result > 2.0:
@@ -240,14 +254,53 @@ class WorkerEngine(Engine):
                 return  # sorter busy: keep it, heartbeats go on, the master waits for our credit
             with self._outbox_lock:
                 self._outbox.popleft()
-            self._busy -= 1
             done_key = key_of(msg)
-            if msg.kind == m.RESULT:
+            if msg.kind == m.RESULT or (msg.kind == m.GAP and msg.body.get("from_frame")):
                 done_key[1] = m.FRAME
-                self.stats.count_out()
-            elif msg.kind == m.GAP and msg.body.get("from_frame"):
-                done_key[1] = m.FRAME
-            self.link.grant(1, [done_key])
+            # acknowledged to the master once the sorter confirms it has the result
+            self._unconfirmed[tuple(key_of(msg))] = (msg, done_key, time.monotonic())
+
+    def _confirmed(self) -> None:
+        """The sorter confirms results it took: now the master may forget their frames."""
+        assert self._push is not None
+        for _ in range(100):
+            try:
+                _, reply = receive(self._push, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except BadPeerMessage as exc:
+                self.stats.bad.record(exc.reason, exc.detail)
+                continue
+            keys = reply.body.get("received") if reply.kind == m.CREDIT else None
+            if not isinstance(keys, list):
+                self.stats.bad.record("unexpected_kind", f"{reply.kind} from the sorter")
+                continue
+            done = []
+            for key in keys:
+                entry = self._unconfirmed.pop(tuple(key), None) if isinstance(key, list) else None
+                if entry is None:
+                    continue
+                msg, done_key, _ = entry
+                self._busy -= 1
+                if msg.kind == m.RESULT:
+                    self.stats.count_out()
+                done.append(done_key)
+            if done:
+                self.link.grant(len(done), done)
+
+    def _resend_unconfirmed(self) -> None:
+        """Send again what the sorter did not confirm in time (it drops duplicates)."""
+        assert self._push is not None
+        now = time.monotonic()
+        for key, (msg, done_key, sent) in list(self._unconfirmed.items()):
+            if now - sent < CONFIRM_TIMEOUT_S:
+                continue
+            try:
+                send(self._push, msg, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._unconfirmed[key] = (msg, done_key, now)
+            self.resent += 1
 
     # -- compute thread ------------------------------------------------------------------
     def _compute_loop(self) -> None:
@@ -329,11 +382,12 @@ class WorkerEngine(Engine):
         ).stamp(self.name)
 
     def teardown(self) -> None:
-        # finish what was computed, tell the master we leave, then close
+        # finish what was computed and see it confirmed, tell the master we leave, then close
         deadline = time.monotonic() + 1.0
-        while self._outbox and self._push is not None and time.monotonic() < deadline:
+        while (self._outbox or self._unconfirmed) and self._push is not None and time.monotonic() < deadline:
             self._flush()
-            time.sleep(0.01)
+            if self._push.poll(10):
+                self._confirmed()
         self.link.bye()
         time.sleep(0.05)
         self.link.close()
@@ -355,5 +409,7 @@ class WorkerEngine(Engine):
             ShmFrames=self.shm_frames,
             ShmRefused=self.shm_refused,
             ShmStale=self.shm_stale,
+            Unconfirmed=len(self._unconfirmed),
+            Resent=self.resent,
         )
         return c

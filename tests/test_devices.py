@@ -34,7 +34,7 @@ def test_sorter_device_publishes_endpoints_units_and_counts_bad_messages():
         assert dev.QueueCapacity == 32
         assert dev.get_attribute_config("FramesIn").unit == "frames"
         assert dev.get_attribute_config("InputRateHz").unit == "Hz"
-        push = zmq.Context.instance().socket(zmq.PUSH)
+        push = zmq.Context.instance().socket(zmq.DEALER)
         push.linger = 0
         push.connect(dev.CollectEndpoint)
         for _ in range(7):

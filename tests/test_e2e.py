@@ -60,7 +60,7 @@ def test_scan_of_200_frames_processed_once_in_order_written_shown_in_lavue(deplo
     ctx = zmq.Context.instance()
     targets = {
         "demo/master/1": (zmq.DEALER, deployed.proxy("demo/master/1").DataEndpoint),
-        "demo/sorter/main": (zmq.PUSH, deployed.proxy("demo/sorter/main").CollectEndpoint),
+        "demo/sorter/main": (zmq.DEALER, deployed.proxy("demo/sorter/main").CollectEndpoint),
     }
     bad_before = {name: deployed.proxy(name).BadMessages for name in targets}
     sockets = []

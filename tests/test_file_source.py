@@ -33,9 +33,16 @@ def test_replaying_the_raw_frames_of_a_scan_gives_identical_results(tmp_path):
         p.stop()
     replay = FileSource(files=[files["raw"]])
     assert count_frames(files["raw"]) == 30
-    p = InProcessPipeline(groups={"main": ROI_STEPS}, source=replay,
-                          writers={"main": ("main", WriterSettings(directory=str(tmp_path / "offline"),
-                                                                   pattern="{stream}_{scan}.h5"))})
+    p = InProcessPipeline(
+        groups={"main": ROI_STEPS},
+        source=replay,
+        writers={
+            "main": (
+                "main",
+                WriterSettings(directory=str(tmp_path / "offline"), pattern="{stream}_{scan}.h5"),
+            )
+        },
+    )
     try:
         offline = p.scan(30, scan_id=3)["main"]
     finally:
@@ -48,7 +55,9 @@ def test_replaying_the_raw_frames_of_a_scan_gives_identical_results(tmp_path):
         for name in names:
             np.testing.assert_array_equal(first[name][()], second[name][()], err_msg=name)
         for motor in ("samx", "samy"):  # the positions the raw file recorded come along with the frames
-            np.testing.assert_array_equal(a[f"entry/scan/positions/{motor}"][()], b[f"entry/scan/positions/{motor}"][()])
+            np.testing.assert_array_equal(
+                a[f"entry/scan/positions/{motor}"][()], b[f"entry/scan/positions/{motor}"][()]
+            )
 
 
 def _eiger(tmp_path, parts, compression=True):
@@ -62,14 +71,21 @@ def _eiger(tmp_path, parts, compression=True):
         for n, frames in enumerate(parts, start=1):
             name = f"series_7_data_{n:06d}.h5"
             with h5py.File(tmp_path / name, "w") as d:
-                d.create_dataset("entry/data/data", data=frames, chunks=(1, *frames.shape[1:]),
-                                 **(hdf5plugin.Bitshuffle(cname="lz4") if compression else {}))
+                d.create_dataset(
+                    "entry/data/data",
+                    data=frames,
+                    chunks=(1, *frames.shape[1:]),
+                    **(hdf5plugin.Bitshuffle(cname="lz4") if compression else {}),
+                )
             data[f"data_{n:06d}"] = h5py.ExternalLink(name, "/entry/data/data")
     return master
 
 
 def test_an_eiger_master_file_plays_its_data_files_in_order(tmp_path):
-    parts = [RNG.integers(0, 4000, (5, 16, 12), dtype=np.uint32), RNG.integers(0, 4000, (3, 16, 12), dtype=np.uint32)]
+    parts = [
+        RNG.integers(0, 4000, (5, 16, 12), dtype=np.uint32),
+        RNG.integers(0, 4000, (3, 16, 12), dtype=np.uint32),
+    ]
     master = _eiger(tmp_path, parts)
     assert count_frames(str(master)) == 8
     played = frames_of(FileSource(files=[str(master)]))
@@ -117,9 +133,12 @@ def test_each_scan_plays_the_next_file_or_the_one_startscan_names(tmp_path):
 
 def test_the_files_source_in_a_definition(tmp_path):
     spec = {"kind": "files", "files": [str(tmp_path / "a.h5")], "rate_hz": 5}
-    d = PipelineDefinition({"name": "re", "master": {"source": spec}, "groups": {"main": {"steps": ["passthrough"]}}})
+    d = PipelineDefinition(
+        {"name": "re", "master": {"source": spec}, "groups": {"main": {"steps": ["passthrough"]}}}
+    )
     assert d.source["kind"] == "files"
     assert isinstance(load_source(d.source), FileSource)
     with pytest.raises(DefinitionError, match="unknown parameter 'file'"):
-        PipelineDefinition({"name": "re", "master": {"source": {"kind": "files", "file": "a.h5"}},
-                            "groups": {"main": {}}})
+        PipelineDefinition(
+            {"name": "re", "master": {"source": {"kind": "files", "file": "a.h5"}}, "groups": {"main": {}}}
+        )

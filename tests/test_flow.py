@@ -115,7 +115,7 @@ MALFORMED = [
 def test_malformed_messages_on_every_port_are_counted_and_the_scan_goes_on(pipeline):
     ports = [
         (pipeline.master, zmq.DEALER, pipeline.master.endpoint),
-        (pipeline.sorter, zmq.PUSH, pipeline.sorter.collect_endpoint),
+        (pipeline.sorter, zmq.DEALER, pipeline.sorter.collect_endpoint),
         (pipeline.sorter, zmq.DEALER, pipeline.sorter.endpoint),
     ]
     for engine, kind, endpoint in ports:

@@ -19,7 +19,7 @@ def test_10000_malformed_messages_per_port_are_counted_and_nothing_is_lost(tmp_p
     try:
         ports = {
             "master data": (p.master, zmq.DEALER, p.master.endpoint),
-            "sorter collect": (p.sorter, zmq.PUSH, p.sorter.collect_endpoint),
+            "sorter collect": (p.sorter, zmq.DEALER, p.sorter.collect_endpoint),
             "sorter data": (p.sorter, zmq.DEALER, p.sorter.endpoint),
             "sink query": (p.sink, zmq.DEALER, p.sink.endpoint),
         }

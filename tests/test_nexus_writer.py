@@ -18,8 +18,15 @@ from .writer_harness import ROI_STEPS, InProcessPipeline, MovingSample, wait_for
 
 
 def _result(index, **scalars):
-    return m.Message(m.RESULT, scan=3, index=index, stream="main", scalars=dict(scalars), version=1,
-                     arrays={"img": np.full((2, 3), index, np.uint16)})
+    return m.Message(
+        m.RESULT,
+        scan=3,
+        index=index,
+        stream="main",
+        scalars=dict(scalars),
+        version=1,
+        arrays={"img": np.full((2, 3), index, np.uint16)},
+    )
 
 
 def test_rows_gaps_and_ragged_derived_streams(tmp_path):
@@ -130,21 +137,35 @@ def test_compressed_arrays_read_back_identical(tmp_path, compression):
 
     rng = np.random.default_rng(1)
     frames = rng.poisson(3, (6, 32, 24)).astype(np.uint16)
-    f = NexusScanFile(tmp_path / "s.h5", m.Message(m.SCAN_START, scan=1, stream="raw"), compression=compression)
+    f = NexusScanFile(
+        tmp_path / "s.h5", m.Message(m.SCAN_START, scan=1, stream="raw"), compression=compression
+    )
     for i, frame in enumerate(frames):
-        f.write(m.Message(m.RESULT, scan=1, index=i, stream="raw", arrays={"image": frame}, scalars={"s": int(i)}))
+        f.write(
+            m.Message(m.RESULT, scan=1, index=i, stream="raw", arrays={"image": frame}, scalars={"s": int(i)})
+        )
     f.close()
     with h5py.File(tmp_path / "s.h5") as h:
         raw = h["entry/instrument/detector/data"]
         assert raw.compression == "gzip" if compression == "gzip" else "32008" in raw._filters
         np.testing.assert_array_equal(raw[()], frames)
-        np.testing.assert_array_equal(h["entry/raw/image"][()], frames)  # the same frames from the NXdata group
+        np.testing.assert_array_equal(
+            h["entry/raw/image"][()], frames
+        )  # the same frames from the NXdata group
 
 
 def test_raw_frames_are_left_out_when_not_saved(tmp_path):
     f = NexusScanFile(tmp_path / "s.h5", m.Message(m.SCAN_START, scan=1, stream="raw"), save_raw=False)
-    f.write(m.Message(m.RESULT, scan=1, index=0, stream="raw", arrays={"image": np.ones((4, 4), np.uint16)},
-                      scalars={"s": 16}))
+    f.write(
+        m.Message(
+            m.RESULT,
+            scan=1,
+            index=0,
+            stream="raw",
+            arrays={"image": np.ones((4, 4), np.uint16)},
+            scalars={"s": 16},
+        )
+    )
     f.close()
     with h5py.File(tmp_path / "s.h5") as h:
         assert "image" not in h["entry/raw"] and "data" not in h["entry/instrument/detector"]
@@ -152,7 +173,9 @@ def test_raw_frames_are_left_out_when_not_saved(tmp_path):
 
 
 def test_positions_per_point_also_when_reported_only_at_scan_end(tmp_path):
-    f = NexusScanFile(tmp_path / "s.h5", m.Message(m.SCAN_START, scan=1, stream="main", meta={"motors": ["samx"]}))
+    f = NexusScanFile(
+        tmp_path / "s.h5", m.Message(m.SCAN_START, scan=1, stream="main", meta={"motors": ["samx"]})
+    )
     for i in range(4):
         msg = _result(i, n=i)
         if i != 2:  # point 2's position came after its frame had left the master
@@ -180,8 +203,9 @@ def test_a_result_name_first_seen_after_the_switch_to_swmr_is_counted_not_writte
 # -- the writer in a running pipeline ------------------------------------------------------
 def test_scan_file_of_a_pipeline_has_every_frame_motors_and_configuration(tmp_path):
     source = MovingSample(pipeline_detector())
-    p = InProcessPipeline(writers={"hdf5": ("main", WriterSettings(directory=str(tmp_path), pipeline="demo"))},
-                          source=source)
+    p = InProcessPipeline(
+        writers={"hdf5": ("main", WriterSettings(directory=str(tmp_path), pipeline="demo"))}, source=source
+    )
     try:
         path = p.scan(40, sample="LaB6", motors=["samx", "samy"], scan_id=12)["hdf5"]
     finally:
@@ -233,15 +257,17 @@ with h5py.File(path, "r", libver="latest", swmr=True) as f:
 
 def test_a_reader_in_another_process_sees_frames_while_the_scan_runs(tmp_path):
     source = pipeline_detector(rate_hz=20.0)
-    p = InProcessPipeline(writers={"hdf5": ("main", WriterSettings(directory=str(tmp_path), flush_s=0.2))},
-                          source=source)
+    p = InProcessPipeline(
+        writers={"hdf5": ("main", WriterSettings(directory=str(tmp_path), flush_s=0.2))}, source=source
+    )
     reader = None
     try:
         p.start_scan(10_000)  # far more than will be taken: the scan ends when the reader has seen enough
         writer = p.writers["hdf5"]
         wait_for(lambda: writer.frames_written >= 2, what="first rows written")
-        reader = subprocess.Popen([sys.executable, "-c", READER, writer.last_file, "120", "30"],
-                                  stdout=subprocess.PIPE, text=True)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, writer.last_file, "120", "30"], stdout=subprocess.PIPE, text=True
+        )
         seen = []
         for line in reader.stdout:
             seen.append(json.loads(line))

@@ -32,7 +32,12 @@ def config(folder: Path) -> Path:
     pattern = "{pipeline}_{stream}_scan{scan:05}.h5"
     data["writers"] = {
         "hdf5": {"group": "main", "directory": str(folder / "data"), "pattern": pattern},
-        "raw": {"group": "raw", "directory": str(folder / "data"), "pattern": pattern, "compression": "bslz4"},
+        "raw": {
+            "group": "raw",
+            "directory": str(folder / "data"),
+            "pattern": pattern,
+            "compression": "bslz4",
+        },
     }
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -51,6 +56,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.timeout(900)
 def test_a_point_scan_is_written_and_reprocessed_from_its_raw_frames(tmp_path):
     cfg = config(tmp_path)
     pipeline = Deployed(tmp_path, cfg)
@@ -58,12 +64,21 @@ def test_a_point_scan_is_written_and_reprocessed_from_its_raw_frames(tmp_path):
     try:
         master = pipeline.proxy("demo/master/1")
         writers = [pipeline.proxy("demo/writer/hdf5"), pipeline.proxy("demo/writer/raw")]
-        meta = {"scan_id": 21, "frames": FRAMES, "point_trigger": True, "motors": ["samx", "samy"],
-                "sample": "LaB6", "scan_shape": [3, 4], "command": "mesh samx 0 1.5 3 samy 0 1 2 0.1"}
+        meta = {
+            "scan_id": 21,
+            "frames": FRAMES,
+            "point_trigger": True,
+            "motors": ["samx", "samy"],
+            "sample": "LaB6",
+            "scan_shape": [3, 4],
+            "command": "mesh samx 0 1.5 3 samy 0 1 2 0.1",
+        }
         master.StartScan(json.dumps(meta))
         for i in range(FRAMES):  # what a Sardana point hook sends after each point
             row, col = divmod(i, 4)
-            master.AddPointMetadata(json.dumps({"index": i, "positions": {"samx": 0.5 * col, "samy": 0.5 * row}}))
+            master.AddPointMetadata(
+                json.dumps({"index": i, "positions": {"samx": 0.5 * col, "samy": 0.5 * row}})
+            )
         wait_for(lambda: master.ScanFrames == FRAMES and not master.Acquiring, what="every point acquired")
         master.EndScan()
         wait_for(lambda: all(w.ScansDone == 1 for w in writers), what="files closed")
@@ -93,8 +108,26 @@ def test_a_point_scan_is_written_and_reprocessed_from_its_raw_frames(tmp_path):
     originals = {p: digest(p) for p in (main_file, raw_file)}
 
     out = tmp_path / "reprocessed"
-    proc = tangopipe("reprocess", str(cfg), str(raw_file), "--groups", "main", "--output", str(out),
-                     env=pipeline.env, cwd=tmp_path, timeout=600)
+    try:
+        proc = tangopipe(
+            "reprocess",
+            str(cfg),
+            str(raw_file),
+            "--groups",
+            "main",
+            "--output",
+            str(out),
+            env=pipeline.env,
+            cwd=tmp_path,
+            timeout=400,
+        )
+    finally:  # whatever happened, nothing of the reprocessing pipeline stays up
+        tangopipe(
+            "down",
+            env={**pipeline.env, "TANGOPIPE_STATE": str(tmp_path / "state" / "reprocess")},
+            cwd=tmp_path,
+            check=False,
+        )
     (result,) = json.loads(proc.stdout)
     assert result["frames"] == FRAMES and result["written"] == {"hdf5": FRAMES}
     new_file = Path(result["files"]["hdf5"])

@@ -49,8 +49,13 @@ def assert_same_result(a: m.Message, b: m.Message) -> None:
 
 def test_a_query_for_an_evicted_dataset_returns_the_same_result_from_the_file(tmp_path):
     settings = WriterSettings(directory=str(tmp_path), pipeline="demo")
-    p = InProcessPipeline(groups={"main": STEPS}, writers={"hdf5": ("main", settings)}, sink_group="main",
-                          sink_memory=20_000, source=SimulatedDetector(shape=[32, 32], rate_hz=0, frames=30))
+    p = InProcessPipeline(
+        groups={"main": STEPS},
+        writers={"hdf5": ("main", settings)},
+        sink_group="main",
+        sink_memory=20_000,
+        source=SimulatedDetector(shape=[32, 32], rate_hz=0, frames=30),
+    )
     client = None
     try:
         p.sink.queries.files = ScanFileIndex(settings.directory, settings.pattern, settings.pipeline)
@@ -61,7 +66,9 @@ def test_a_query_for_an_evicted_dataset_returns_the_same_result_from_the_file(tm
         in_memory = {i: client.get(41, "main", i) for i in indices}
         assert "spots/xy" in in_memory[3].arrays and "spots/xy" not in in_memory[5].arrays
         p.scan(24, scan_id=42)  # the sink's memory holds one scan: 41 is evicted
-        wait_for(lambda: [(d["scan"], d["frames"]) for d in client.datasets()] == [(42, 24)], what="41 evicted")
+        wait_for(
+            lambda: [(d["scan"], d["frames"]) for d in client.datasets()] == [(42, 24)], what="41 evicted"
+        )
         assert (41, "main") not in p.sink.store.datasets and p.sink.store.evictions >= 1
         for i in indices:
             from_file = client.get(41, "main", i)  # the same call as before

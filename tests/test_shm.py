@@ -20,7 +20,7 @@ from pipelines.master import MasterEngine
 from pipelines.sorter import SorterEngine
 from pipelines.sources.simulator import SimulatedDetector
 from pipelines.steps import load_step
-from pipelines.transport import receive, send
+from pipelines.transport import key_of, receive, send
 from pipelines.worker import WorkerEngine, own_arrays
 from pipelines.writers import WriterEngine
 
@@ -311,7 +311,7 @@ class FakeMaster:
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.results = ctx.socket(zmq.PULL)
+        self.results = ctx.socket(zmq.ROUTER)  # the sorter's collect port
         self.results.linger = 0
         if not results_endpoint:
             results_endpoint = f"tcp://127.0.0.1:{self.results.bind_to_random_port('tcp://127.0.0.1')}"
@@ -333,6 +333,12 @@ class FakeMaster:
                 if msg.kind != m.HEARTBEAT:
                     return msg
         raise AssertionError("the worker sent nothing")
+
+    def take_result(self):
+        """Receive one result as the sorter does, and confirm it to the worker."""
+        identity, msg = receive(self.results, routed=True)
+        send(self.results, m.control(m.CREDIT, received=[key_of(msg)]), identity)
+        return msg
 
     def bind_results(self):
         self.results.bind(self.results_endpoint)
@@ -420,7 +426,7 @@ def test_forged_and_stale_handles_are_refused_counted_and_the_worker_goes_on(fak
     # the worker still works, from the segment it was first told about
     fake.frame(99, good)
     assert fake.results.poll(5000)
-    result = m.decode(fake.results.recv_multipart())
+    result = fake.take_result()
     assert result.kind == m.RESULT and result.index == 99
     np.testing.assert_array_equal(result.arrays["image"], frame)
     ack = fake.next_control()
@@ -465,9 +471,9 @@ def test_results_from_a_slot_taken_back_while_computing_are_dropped():
         fake.close()
 
 
-def test_a_result_made_from_a_slot_is_copied_before_the_frame_is_acknowledged(tmp_path):
-    # results wait in the worker's queue (nobody bound the sorter's endpoint yet) after the ack:
-    # a result still pointing into the slot would show what the master put there next
+def test_a_frame_is_acknowledged_only_after_the_sorter_confirmed_its_result(tmp_path):
+    # nobody listens on the sorter's endpoint yet: the result waits in the worker, and the
+    # master must not hear "done" (it would reuse the slot and forget the frame)
     fake = FakeMaster(results_endpoint=f"ipc://{tmp_path}/results")
     try:
         fake.ring = ring = shm.FrameRing(1, 256 * 256 * 2)  # > zmq's copy threshold: sent zero-copy
@@ -475,13 +481,15 @@ def test_a_result_made_from_a_slot_is_copied_before_the_frame_is_acknowledged(tm
         first = np.arange(256 * 256, dtype="<u2").reshape(256, 256)
         handle = ring.put(first)
         fake.frame(0, handle)
+        with pytest.raises(AssertionError, match="sent nothing"):
+            fake.next_control(timeout=1.0)
+        fake.bind_results()
+        assert fake.results.poll(5000)
+        result = fake.take_result()  # received and confirmed, as the sorter does
         ack = fake.next_control()
         assert ack.body == {"n": 1, "done": [[1, m.FRAME, 0]]}
         ring.release(handle)
         assert ring.put(np.zeros_like(first))["slot"] == handle["slot"]  # the slot is the master's again
-        fake.bind_results()
-        assert fake.results.poll(5000)
-        result = m.decode(fake.results.recv_multipart())
         np.testing.assert_array_equal(result.arrays["image"], first)
     finally:
         fake.close()

@@ -43,7 +43,11 @@ def full_disk_scenario(directory: str) -> None:
 
     source = SimulatedDetector(shape=SHAPE, rate_hz=0, frames=FRAMES)
     p = InProcessPipeline(
-        groups={"raw": ["passthrough"]}, source=source, capacity=8, retry_s=0.3, outbox_capacity=8,
+        groups={"raw": ["passthrough"]},
+        source=source,
+        capacity=8,
+        retry_s=0.3,
+        outbox_capacity=8,
         writers={"hdf5": ("raw", WriterSettings(directory=directory, flush_s=0.1))},
     )
     writer = p.writers["hdf5"]
@@ -54,25 +58,43 @@ def full_disk_scenario(directory: str) -> None:
         time.sleep(2.0)  # what was on its way settles in the buffers
         sorter = p.sorters["raw"].counters()
         say(
-            state=writer.health.value, status=writer.status, file=writer.last_file, held=len(writer._held),
-            written=writer.frames_written, dropped=p.master.stats.dropped, blocked=writer.blocked(),
-            sorter_backlog=sorter["Backlog"], sorter_missing=sorter["MissingFrames"],
+            state=writer.health.value,
+            status=writer.status,
+            file=writer.last_file,
+            held=len(writer._held),
+            written=writer.frames_written,
+            dropped=p.master.stats.dropped,
+            blocked=writer.blocked(),
+            sorter_backlog=sorter["Backlog"],
+            sorter_missing=sorter["MissingFrames"],
         )
         sys.stdin.readline()  # the parent reads the file meanwhile
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is back
         p.end_scan()
-        say(state=writer.health.value, written=writer.frames_written, faults=writer.storage_faults,
-            acquired=p.master.scan_frames, dropped=p.master.stats.dropped,
-            missing=p.sorters["raw"].counters()["MissingFrames"])
+        say(
+            state=writer.health.value,
+            written=writer.frames_written,
+            faults=writer.storage_faults,
+            acquired=p.master.scan_frames,
+            dropped=p.master.stats.dropped,
+            missing=p.sorters["raw"].counters()["MissingFrames"],
+        )
     finally:
         p.stop()
 
 
 def test_a_full_disk_holds_the_data_and_the_scan_completes_when_space_is_back(tmp_path):
     child = subprocess.Popen(
-        [sys.executable, "-c", f"from tests.test_writer_faults import full_disk_scenario; "
-                               f"full_disk_scenario({str(tmp_path / 'data')!r})"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"from tests.test_writer_faults import full_disk_scenario; "
+            f"full_disk_scenario({str(tmp_path / 'data')!r})",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         fault = json.loads(child.stdout.readline() or "{}")
@@ -114,8 +136,12 @@ def test_an_unwritable_folder_gives_fault_naming_it_and_nothing_is_lost(tmp_path
     blocker.write_text("a file where the folder should be")
     folder = blocker / "data"
     source = SimulatedDetector(shape=[32, 32], rate_hz=0, frames=60)
-    p = InProcessPipeline(source=source, capacity=4, retry_s=0.2,
-                          writers={"hdf5": ("main", WriterSettings(directory=str(folder)))})
+    p = InProcessPipeline(
+        source=source,
+        capacity=4,
+        retry_s=0.2,
+        writers={"hdf5": ("main", WriterSettings(directory=str(folder)))},
+    )
     writer = p.writers["hdf5"]
     try:
         p.start_scan(60)
@@ -140,8 +166,11 @@ def test_status_and_counters_name_the_fault_in_a_device_friendly_way(tmp_path):
     os.chmod(tmp_path, 0o755)
     blocker = tmp_path / "f"
     blocker.write_text("x")
-    p = InProcessPipeline(source=SimulatedDetector(shape=[16, 16], rate_hz=0, frames=5), retry_s=60,
-                          writers={"h": ("main", WriterSettings(directory=str(blocker / "d")))})
+    p = InProcessPipeline(
+        source=SimulatedDetector(shape=[16, 16], rate_hz=0, frames=5),
+        retry_s=60,
+        writers={"h": ("main", WriterSettings(directory=str(blocker / "d")))},
+    )
     writer = p.writers["h"]
     try:
         p.start_scan(5)
@@ -169,8 +198,14 @@ def failing_write_scenario(path: str, flush_every: int) -> None:
     f = NexusScanFile(path, m.Message(m.SCAN_START, scan=1, stream="raw"), space_margin=None)
 
     def frame(i):
-        return m.Message(m.RESULT, scan=1, index=i, stream="raw", arrays={"image": np.full((512, 512), i, np.uint16)},
-                         scalars={"i": i})
+        return m.Message(
+            m.RESULT,
+            scan=1,
+            index=i,
+            stream="raw",
+            arrays={"image": np.full((512, 512), i, np.uint16)},
+            scalars={"i": i},
+        )
 
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))
     i, failed = 0, None
@@ -200,9 +235,16 @@ def failing_write_scenario(path: str, flush_every: int) -> None:
 def test_a_write_that_fails_inside_hdf5_is_recovered_without_losing_rows(tmp_path, flush_every):
     path = tmp_path / "s.h5"
     proc = subprocess.run(
-        [sys.executable, "-c", f"from tests.test_writer_faults import failing_write_scenario; "
-                               f"failing_write_scenario({str(path)!r}, {flush_every})"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            f"from tests.test_writer_faults import failing_write_scenario; "
+            f"failing_write_scenario({str(path)!r}, {flush_every})",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.splitlines()[-1])

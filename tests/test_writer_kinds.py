@@ -75,21 +75,40 @@ def test_tiff_writer_one_file_per_frame_named_from_scan_and_index(tmp_path):
 
 def test_graph_writer_plots_profiles_and_maps(tmp_path):
     source = MeshSample(SimulatedDetector(shape=[32, 24], rate_hz=0, frames=50), n_fast=4)
-    settings = WriterSettings(kind="graphs", directory=str(tmp_path), results=["intensity"], maps=["total"],
-                              every=5, pipeline="demo")
-    p = InProcessPipeline(groups={"main": [{"tests.test_writer_kinds:ring_profile": {}}]},
-                          writers={"png": ("main", settings)}, source=source)
+    settings = WriterSettings(
+        kind="graphs",
+        directory=str(tmp_path),
+        results=["intensity"],
+        maps=["total"],
+        every=5,
+        pipeline="demo",
+    )
+    p = InProcessPipeline(
+        groups={"main": [{"tests.test_writer_kinds:ring_profile": {}}]},
+        writers={"png": ("main", settings)},
+        source=source,
+    )
     try:
         p.scan(12, scan_id=2, scan_shape=[3, 4])
         p.scan(6, scan_id=3)  # no grid: the scalar against the motor... two moved: against the index
     finally:
         p.stop()
     files = sorted(f.name for f in tmp_path.iterdir())
-    expected = [f"demo_scan00002_main_{n}.png" for n in
-                ("intensity_00000", "intensity_00005", "intensity_00010", "intensity_last", "intensity_mean",
-                 "total_map")]
-    expected += [f"demo_scan00003_main_{n}.png" for n in
-                 ("intensity_00000", "intensity_00005", "intensity_last", "intensity_mean", "total_map")]
+    expected = [
+        f"demo_scan00002_main_{n}.png"
+        for n in (
+            "intensity_00000",
+            "intensity_00005",
+            "intensity_00010",
+            "intensity_last",
+            "intensity_mean",
+            "total_map",
+        )
+    ]
+    expected += [
+        f"demo_scan00003_main_{n}.png"
+        for n in ("intensity_00000", "intensity_00005", "intensity_last", "intensity_mean", "total_map")
+    ]
     assert files == sorted(expected)
     for name in files:
         data = (tmp_path / name).read_bytes()
@@ -100,8 +119,14 @@ def test_graph_writer_plots_profiles_and_maps(tmp_path):
 
 def test_cube_bins_results_by_a_motor(tmp_path):
     source = MovingSample(SimulatedDetector(shape=[64, 48], rate_hz=0, frames=50), step_mm=0.25)
-    settings = WriterSettings(kind="cube", directory=str(tmp_path), by="samx", bins=[0, 2, 4, 6],
-                              results=["total_sum", "binned"], pipeline="demo")
+    settings = WriterSettings(
+        kind="cube",
+        directory=str(tmp_path),
+        by="samx",
+        bins=[0, 2, 4, 6],
+        results=["total_sum", "binned"],
+        pipeline="demo",
+    )
     p = InProcessPipeline(writers={"cube": ("main", settings)}, source=source)
     try:
         path = p.scan(28, scan_id=8)["cube"]  # samx = 0 ... 6.75: the last 3 frames are out of range
@@ -140,7 +165,9 @@ BASE = {"name": "k", "groups": {"main": {"steps": ["passthrough"]}}}
 
 
 def definition(**writers):
-    return PipelineDefinition(yaml.safe_load(yaml.safe_dump({**BASE, "writers": writers, "sink": {"group": "main"}})))
+    return PipelineDefinition(
+        yaml.safe_load(yaml.safe_dump({**BASE, "writers": writers, "sink": {"group": "main"}}))
+    )
 
 
 def test_definition_writer_kinds_become_device_properties():
@@ -151,7 +178,11 @@ def test_definition_writer_kinds_become_device_properties():
         cube={"group": "main", "kind": "cube", "by": "delay", "bins": {"start": 0, "stop": 1, "count": 4}},
     )
     props = {s.name.rsplit("/", 1)[-1]: s.properties for s in d.devices() if s.cls == "PipelineWriter"}
-    assert props["h5"]["Kind"] == "nexus" and props["h5"]["Compression"] == "bslz4" and not props["h5"]["SaveRaw"]
+    assert (
+        props["h5"]["Kind"] == "nexus"
+        and props["h5"]["Compression"] == "bslz4"
+        and not props["h5"]["SaveRaw"]
+    )
     assert props["h5"]["FilePattern"] == "{pipeline}_scan{scan:05}.h5"
     assert props["tif"]["Kind"] == "tiff" and props["tif"]["Results"] == "image"
     assert props["tif"]["FilePattern"] == "{pipeline}_scan{scan:05}/{stream}_{name}_{index:05}.tif"
@@ -160,7 +191,9 @@ def test_definition_writer_kinds_become_device_properties():
     sink = next(s for s in d.devices() if s.cls == "PipelineSink").properties
     assert sink["ScanFileDirectory"] == "/data/x" and sink["ScanFilePattern"] == "{pipeline}_scan{scan:05}.h5"
     assert sink["Pipeline"] == "k"
-    assert json.loads(next(s for s in d.devices() if s.name == "k/writer/cube").tango_properties()["CubeBins"][0])
+    assert json.loads(
+        next(s for s in d.devices() if s.name == "k/writer/cube").tango_properties()["CubeBins"][0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -171,10 +204,15 @@ def test_definition_writer_kinds_become_device_properties():
         ({"compression": "zip"}, "writers.w.compression: expected one of none, gzip, bslz4, got 'zip'"),
         ({"kind": "cube", "bins": [0, 1]}, "writers.w.by: a cube needs the scan variable"),
         ({"kind": "cube", "by": "e", "bins": [1, 0]}, "writers.w.bins: expected at least 2 increasing edges"),
-        ({"kind": "tiff", "pattern": "{scan}.tif"}, "writers.w.pattern: FilePattern '{scan}.tif' must contain {index}"),
+        (
+            {"kind": "tiff", "pattern": "{scan}.tif"},
+            "writers.w.pattern: FilePattern '{scan}.tif' must contain {index}",
+        ),
         ({"every": 3}, "writers.w.every: only for writers of kind graphs"),
     ],
 )
 def test_definition_writer_mistakes_name_the_key(writer, message):
-    with pytest.raises(DefinitionError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")):
+    with pytest.raises(
+        DefinitionError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")
+    ):
         definition(w={"group": "main", **writer})

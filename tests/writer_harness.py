@@ -119,8 +119,11 @@ class InProcessPipeline:
             wait_for(lambda: not self.master.acquiring, timeout=timeout, what="acquisition")
         done = {name: w.scans_done for name, w in self.writers.items()}
         self.master.end_scan()
-        wait_for(lambda: all(w.scans_done > done[n] for n, w in self.writers.items()), timeout=timeout,
-                 what="files closed")
+        wait_for(
+            lambda: all(w.scans_done > done[n] for n, w in self.writers.items()),
+            timeout=timeout,
+            what="files closed",
+        )
 
     def scan(self, frames: int, **meta: Any) -> dict[str, str]:
         """One scan; returns each writer's file (or folder)."""

@@ -49,7 +49,9 @@ def hdf5_frames(f: Any, dataset: str = "") -> list[Any]:
         if ds is None or not hasattr(ds, "shape"):
             raise SourceError(f"{path}: no dataset {dataset!r}")
         if ds.ndim < 3:
-            raise SourceError(f"{path}: dataset {dataset!r} has shape {ds.shape}; frames need (n, rows, cols)")
+            raise SourceError(
+                f"{path}: dataset {dataset!r} has shape {ds.shape}; frames need (n, rows, cols)"
+            )
         return [ds]
     raw = f.get(RAW_DATASET)
     if raw is not None and getattr(raw, "ndim", 0) >= 3:
@@ -80,7 +82,9 @@ def hdf5_frames(f: Any, dataset: str = "") -> list[Any]:
         return [group[signal]]
     found = []
     f.visititems(lambda n, o: found.append(n) if getattr(o, "ndim", 0) >= 3 else None)
-    raise SourceError(f"{path}: no frames found; give the source a dataset (3D datasets here: {found[:10] or 'none'})")
+    raise SourceError(
+        f"{path}: no frames found; give the source a dataset (3D datasets here: {found[:10] or 'none'})"
+    )
 
 
 def tiff_files(spec: str) -> list[Path]:
@@ -99,8 +103,10 @@ def tiff_files(spec: str) -> list[Path]:
 
 def _is_tiff(spec: str) -> bool:
     path = Path(spec)
-    return path.suffix.lower() in TIFF_SUFFIXES or path.is_dir() or (
-        any(c in spec for c in "*?[") and spec.lower().endswith(TIFF_SUFFIXES)
+    return (
+        path.suffix.lower() in TIFF_SUFFIXES
+        or path.is_dir()
+        or (any(c in spec for c in "*?[") and spec.lower().endswith(TIFF_SUFFIXES))
     )
 
 
@@ -194,7 +200,11 @@ class FileSource:
             for ds in parts:
                 for j in range(ds.shape[0]):
                     meta: dict[str, Any] = {"source_file": spec, "source_index": index}
-                    point = {k: float(v[index]) for k, v in positions.items() if index < len(v) and np.isfinite(v[index])}
+                    point = {
+                        k: float(v[index])
+                        for k, v in positions.items()
+                        if index < len(v) and np.isfinite(v[index])
+                    }
                     if point:
                         meta["positions"] = point
                     yield np.ascontiguousarray(ds[j]), meta
@@ -207,11 +217,19 @@ class FileSource:
         for path in tiff_files(spec):
             with tifffile.TiffFile(path) as tif:
                 for page in tif.pages:
-                    yield np.ascontiguousarray(page.asarray()), {"source_file": str(path), "source_index": index}
+                    yield (
+                        np.ascontiguousarray(page.asarray()),
+                        {"source_file": str(path), "source_index": index},
+                    )
                     index += 1
 
     def stop(self) -> None:
         self._stop.set()
 
     def describe(self) -> dict[str, Any]:
-        return {"detector": "files", "files": list(self.files), "dataset": self.dataset, "rate_hz": self.rate_hz}
+        return {
+            "detector": "files",
+            "files": list(self.files),
+            "dataset": self.dataset,
+            "rate_hz": self.rate_hz,
+        }

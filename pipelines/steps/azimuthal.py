@@ -214,10 +214,11 @@ def integrate_reference(
 
     ``chi_filter`` (radians, 1D only) drops pixels whose azimuth lies outside it.
     """
-    values = np.asarray(frame, dtype=np.float64).reshape(-1)
+    raw = np.asarray(frame).reshape(-1)
+    values = raw.astype(np.float64)
     use = pixels.keep & ~np.isnan(values)
     if dummy is not None:
-        use &= values != dummy
+        use &= raw != _dummy_like(dummy, raw.dtype)
     if pixel_mask is not None:
         use &= np.asarray(pixel_mask).reshape(-1) == 0
     if chi_filter is not None:
@@ -766,6 +767,11 @@ def _check_range(name: str, value: Any) -> tuple[float, float] | None:
     return float(value[0]), float(value[1])
 
 
+def _dummy_like(dummy: float, dtype: np.dtype) -> float:
+    """The dummy value as a pixel of a float frame holds it (float32 frames store float32(dummy))."""
+    return dtype.type(dummy) if dtype.kind == "f" else float(dummy)
+
+
 def _native_frame(frame: np.ndarray) -> np.ndarray:
     """The frame as a flat, native-byte-order view (copied only when it is not already one)."""
     frame = np.asarray(frame)
@@ -970,7 +976,7 @@ class _Integrator:
             self.denominator,
             self.pixel_norm,
             self.dummy is not None,
-            0.0 if self.dummy is None else self.dummy,
+            0.0 if self.dummy is None else _dummy_like(self.dummy, flat.dtype),
             flat_mask,
             self.empty,
             scratch,

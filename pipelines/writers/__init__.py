@@ -106,14 +106,19 @@ def check_space(path: Path, needed: int, size: int | None = None) -> None:
     st = os.statvfs(path.parent)
     free = st.f_bavail * st.f_frsize
     if free < needed:
-        raise StorageFull(errno.ENOSPC, f"No space left on device ({free >> 20} MiB free, {needed >> 20} MiB needed)",
-                          str(path))
+        raise StorageFull(
+            errno.ENOSPC,
+            f"No space left on device ({free >> 20} MiB free, {needed >> 20} MiB needed)",
+            str(path),
+        )
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
         if size is None:
             size = path.stat().st_size if path.exists() else 0
         if size + needed > limit:
-            raise StorageFull(errno.EFBIG, f"File too large (size limit {limit >> 20} MiB reached)", str(path))
+            raise StorageFull(
+                errno.EFBIG, f"File too large (size limit {limit >> 20} MiB reached)", str(path)
+            )
 
 
 def check_pattern(pattern: str, kind: str = "nexus") -> str:
@@ -129,7 +134,9 @@ def check_pattern(pattern: str, kind: str = "nexus") -> str:
     if "scan" not in used:
         raise ValueError(f"FilePattern {pattern!r} must contain {{scan}} so each scan gets its own file")
     if kind == "tiff" and "index" not in Path(pattern).name:
-        raise ValueError(f"FilePattern {pattern!r} must contain {{index}} in its file name: one TIFF per frame")
+        raise ValueError(
+            f"FilePattern {pattern!r} must contain {{index}} in its file name: one TIFF per frame"
+        )
     if kind == "graphs" and "name" not in used:
         raise ValueError(f"FilePattern {pattern!r} must contain {{name}}: one PNG per plot")
     return pattern
@@ -168,7 +175,9 @@ def cube_edges(bins: Any) -> list[float]:
         try:
             start, stop, count = float(bins["start"]), float(bins["stop"]), int(bins["count"])
         except (KeyError, TypeError, ValueError):
-            raise SettingError("bins", f"expected {{start, stop, count}} or a list of edges, got {bins!r}") from None
+            raise SettingError(
+                "bins", f"expected {{start, stop, count}} or a list of edges, got {bins!r}"
+            ) from None
         if count < 1 or not stop > start:
             raise SettingError("bins", f"expected count >= 1 and stop > start, got {dict(bins)!r}")
         return [start + (stop - start) * i / count for i in range(count + 1)]
@@ -180,7 +189,9 @@ def cube_edges(bins: Any) -> list[float]:
         and all(b > a for a, b in zip(bins, bins[1:], strict=False))
     ):
         return [float(v) for v in bins]
-    raise SettingError("bins", f"expected at least 2 increasing edges or {{start, stop, count}}, got {bins!r}")
+    raise SettingError(
+        "bins", f"expected at least 2 increasing edges or {{start, stop, count}}, got {bins!r}"
+    )
 
 
 @dataclass
@@ -210,19 +221,27 @@ class WriterSettings:
         except ValueError as exc:
             raise SettingError("pattern", str(exc)) from None
         if self.compression not in COMPRESSIONS:
-            raise SettingError("compression", f"expected one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+            raise SettingError(
+                "compression", f"expected one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
         if isinstance(self.flush_s, bool) or not isinstance(self.flush_s, int | float) or self.flush_s < 0:
             raise SettingError("flush_s", f"expected seconds >= 0, got {self.flush_s!r}")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
-            raise SettingError("every", f"expected an integer >= 0 (0: no per-frame plots), got {self.every!r}")
+            raise SettingError(
+                "every", f"expected an integer >= 0 (0: no per-frame plots), got {self.every!r}"
+            )
         self.results = _names("results", self.results)
         self.maps = _names("maps", self.maps)
         if self.kind == "cube":
             if not isinstance(self.by, str) or not self.by:
-                raise SettingError("by", "a cube needs the scan variable to bin by (a scalar result, motor or metadata key)")
+                raise SettingError(
+                    "by", "a cube needs the scan variable to bin by (a scalar result, motor or metadata key)"
+                )
             self.bins = cube_edges(self.bins)
         if self.kind == "tiff" and "{name}" not in self.pattern and len(self.results) != 1:
-            raise SettingError("pattern", f"{self.pattern!r} has no {{name}}: select exactly one result or add {{name}}")
+            raise SettingError(
+                "pattern", f"{self.pattern!r} has no {{name}}: select exactly one result or add {{name}}"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], given: Sequence[str] | None = None) -> WriterSettings:
@@ -232,7 +251,9 @@ class WriterSettings:
         for key in given or ():
             kinds = KIND_KEYS.get(key)
             if kinds is not None and kind not in kinds:
-                raise SettingError(key, f"only for writers of kind {', '.join(sorted(kinds))}, this one is {kind!r}")
+                raise SettingError(
+                    key, f"only for writers of kind {', '.join(sorted(kinds))}, this one is {kind!r}"
+                )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -274,8 +295,12 @@ def open_scan_writer(settings: WriterSettings, start: m.Message) -> ScanWriter:
         from .nexus import NexusScanFile
 
         return NexusScanFile(
-            settings.scan_file(start), start, settings.pipeline,
-            swmr=settings.swmr, compression=settings.compression, save_raw=settings.save_raw,
+            settings.scan_file(start),
+            start,
+            settings.pipeline,
+            swmr=settings.swmr,
+            compression=settings.compression,
+            save_raw=settings.save_raw,
         )
     if settings.kind == "tiff":
         from .tiff import TiffScanWriter
@@ -370,7 +395,9 @@ class WriterEngine(ConsumerEngine):
             except Exception as exc:  # the data itself is wrong: say so, go on with the next
                 self.stats.errors += 1
                 self.log.exception("handling %s %s/%s failed", msg.kind, msg.scan, msg.index)
-                self.set_health(Health.FAULT, f"{self.name} failed on scan {msg.scan} index {msg.index}: {exc}")
+                self.set_health(
+                    Health.FAULT, f"{self.name} failed on scan {msg.scan} index {msg.index}: {exc}"
+                )
             self._held.popleft()
             if msg.kind == m.SCAN_END:
                 self.scans_done += 1
@@ -408,7 +435,9 @@ class WriterEngine(ConsumerEngine):
         if msg.kind == m.SCAN_START:
             self.stats.reset_scan()
             if self.file is not None:
-                self.log.warning("scan %s started before scan %s ended; closing it", msg.scan, self.current_scan)
+                self.log.warning(
+                    "scan %s started before scan %s ended; closing it", msg.scan, self.current_scan
+                )
                 file = self.file
                 self._guarded(file.path, file.close)
                 self.file = None

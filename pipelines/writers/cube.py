@@ -79,7 +79,9 @@ class Cube:
                 total = self.sums[name] = np.zeros((self.nbins, *array.shape))
                 self.counts[name] = np.zeros(self.nbins, dtype=np.int64)
             elif total.shape[1:] != array.shape:
-                raise ValueError(f"cube: result {name!r} changed shape from {total.shape[1:]} to {array.shape}")
+                raise ValueError(
+                    f"cube: result {name!r} changed shape from {total.shape[1:]} to {array.shape}"
+                )
             total[b] += array
             self.counts[name][b] += 1
         return b

@@ -142,7 +142,9 @@ class GraphScanWriter:
     def _file(self, name: str) -> Path:
         from . import format_name, unique_path
 
-        return unique_path(self.path / format_name(self.settings.pattern, **self.fields, name=name.replace("/", "_")))
+        return unique_path(
+            self.path / format_name(self.settings.pattern, **self.fields, name=name.replace("/", "_"))
+        )
 
     def write(self, msg: m.Message) -> None:
         if msg.kind != m.RESULT:
@@ -160,12 +162,16 @@ class GraphScanWriter:
                 self.x[name] = np.asarray(msg.arrays[x_name], dtype=np.float64)
             y64 = np.asarray(y, dtype=np.float64)
             if name in self.sums and self.sums[name].shape != y64.shape:
-                raise ValueError(f"graphs: profile {name!r} changed length from {self.sums[name].shape} to {y64.shape}")
+                raise ValueError(
+                    f"graphs: profile {name!r} changed length from {self.sums[name].shape} to {y64.shape}"
+                )
             self.sums[name] = self.sums.get(name, 0) + y64
             self.counts[name] = self.counts.get(name, 0) + 1
             self.last[name] = (msg.index, y64)
             if self.every and msg.index % self.every == 0:
-                self._profile(f"{name}_{msg.index:05d}", name, y64, f"scan {self.scan} frame {msg.index}: {name}")
+                self._profile(
+                    f"{name}_{msg.index:05d}", name, y64, f"scan {self.scan} frame {msg.index}: {name}"
+                )
         for name in self.maps:
             value = msg.scalars.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool):
@@ -250,8 +256,12 @@ class GraphScanWriter:
         if self.closed:
             return
         for name, total in self.sums.items():
-            self._profile(f"{name}_mean", name, total / self.counts[name],
-                          f"scan {self.scan}: mean {name} of {self.counts[name]} frames")
+            self._profile(
+                f"{name}_mean",
+                name,
+                total / self.counts[name],
+                f"scan {self.scan}: mean {name} of {self.counts[name]} frames",
+            )
             index, y = self.last[name]
             self._profile(f"{name}_last", name, y, f"scan {self.scan} frame {index}: {name}")
         for name in self.maps:

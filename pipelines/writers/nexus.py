@@ -56,10 +56,9 @@ import h5py
 import numpy as np
 
 from .. import message as m
-from . import SPACE_MARGIN, StorageFull, check_space
+from . import COMPRESSIONS, SPACE_MARGIN, StorageFull, check_space
 
 RAW_RESULT = "image"  # the passthrough step's result: the raw frame
-COMPRESSIONS = ("none", "gzip", "bslz4")
 _ROW_CHUNK_BYTES = 1 << 20  # chunks of profiles stay within HDF5's default chunk cache
 _MAX_SCALAR_CHUNK = 1024
 _TIME_BYTES = 32
@@ -111,7 +110,11 @@ def _put(group: h5py.Group, key: str, value: Any) -> None:
         return
     if isinstance(value, bool | int | float | str):
         group[key] = value
-    elif isinstance(value, list) and value and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+    elif (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
         group[key] = np.asarray(value)
     else:
         group[key] = _json(value)
@@ -137,6 +140,8 @@ def _storable_dtype(value: np.ndarray) -> np.dtype:
 
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def restore_end_of_file(path: Path) -> None:
     """Give back a file the length its superblock records.
 
@@ -211,11 +216,17 @@ class _Ragged:
             rows = max(1, min(1024, (1 << 20) // row_bytes))
             extra = self.options if inner and value.dtype.kind not in "OSU" else {}
             ds = self.group.create_dataset(
-                name, shape=(0, *inner), maxshape=(None, *inner), dtype=_storable_dtype(value),
-                chunks=(rows, *inner), **extra,
+                name,
+                shape=(0, *inner),
+                maxshape=(None, *inner),
+                dtype=_storable_dtype(value),
+                chunks=(rows, *inner),
+                **extra,
             )
         elif ds.shape[1:] != value.shape[1:]:
-            raise ValueError(f"result {self.group.name}/{name} changed shape from {ds.shape[1:]} to {value.shape[1:]}")
+            raise ValueError(
+                f"result {self.group.name}/{name} changed shape from {ds.shape[1:]} to {value.shape[1:]}"
+            )
         return ds
 
     def append(self, name: str, value: np.ndarray) -> bool:
@@ -333,7 +344,10 @@ class NexusScanFile:
         meta = dict(start.meta)
         processing = meta.pop("processing", {})
         source = meta.pop("source", {})
-        title = meta.get("title") or meta.get("command") or meta.get("macro") or f"{pipeline} scan {start.scan}"
+        origin = {k: meta.pop(k) for k in ("reprocessed_from", "original_processing_json") if k in meta}
+        title = (
+            meta.get("title") or meta.get("command") or meta.get("macro") or f"{pipeline} scan {start.scan}"
+        )
         entry["title"] = str(title)
         entry["start_time"] = _now()
         entry["scan_id"] = str(start.scan)
@@ -372,9 +386,8 @@ class NexusScanFile:
         proc["configuration_json"] = _json(processing)
         if self.version_base:
             proc["processing_version_base"] = self.version_base
-        for key in ("reprocessed_from", "original_processing_json"):
-            if key in meta:
-                _put(proc, key, meta[key])
+        for key, value in origin.items():  # a reprocessing: what it started from
+            _put(proc, key, value)
         if isinstance(processing, dict):
             for group_name, config in processing.items():
                 note = proc.create_group(str(group_name).replace("/", "_"))
@@ -395,7 +408,7 @@ class NexusScanFile:
 
     @staticmethod
     def _make_sample(entry: h5py.Group, meta: dict[str, Any]) -> None:
-        fields = {k[len("sample_"):]: v for k, v in meta.items() if k.startswith("sample_")}
+        fields = {k[len("sample_") :]: v for k, v in meta.items() if k.startswith("sample_")}
         sample = meta.get("sample")
         if isinstance(sample, dict):
             fields.update(sample)
@@ -408,7 +421,9 @@ class NexusScanFile:
         for key, value in fields.items():
             _put(group, key, value)
 
-    def _row_dataset(self, group: h5py.Group, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> h5py.Dataset:
+    def _row_dataset(
+        self, group: h5py.Group, name: str, dtype: np.dtype, shape: tuple[int, ...]
+    ) -> h5py.Dataset:
         """A dataset with one row per frame (made, or found again after a reopen)."""
         ds = group.get(name)
         if ds is None:
@@ -422,8 +437,13 @@ class NexusScanFile:
             extra = self.options if shape and dtype.kind not in "OSU" else {}
             fill = _fill_value(dtype)
             ds = group.create_dataset(
-                name, shape=(self.rows, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(rows, *shape),
-                **({"fillvalue": fill} if fill is not None else {}), **extra,
+                name,
+                shape=(self.rows, *shape),
+                maxshape=(None, *shape),
+                dtype=dtype,
+                chunks=(rows, *shape),
+                **({"fillvalue": fill} if fill is not None else {}),
+                **extra,
             )
         self.row_sets[ds.name] = ds
         return ds
@@ -431,7 +451,9 @@ class NexusScanFile:
     def _declare(self, msg: m.Message) -> None:
         """Make the per-frame datasets from the first result, then go SWMR."""
         values = result_values(msg)
-        main = {k: v for k, v in values.items() if "/" not in k and not (k == RAW_RESULT and not self.save_raw)}
+        main = {
+            k: v for k, v in values.items() if "/" not in k and not (k == RAW_RESULT and not self.save_raw)
+        }
         for name, value in main.items():
             self._result_dataset(name, value)
         motors = self._motor_names(msg)
@@ -597,7 +619,9 @@ class NexusScanFile:
                 self.skipped.add(name)
                 continue
             if ds.shape[1:] != value.shape:
-                raise ValueError(f"result {name!r} changed shape from {ds.shape[1:]} to {value.shape} within scan")
+                raise ValueError(
+                    f"result {name!r} changed shape from {ds.shape[1:]} to {value.shape} within scan"
+                )
             ds[row] = value
         positions = msg.meta.get("positions")
         if self.motors and isinstance(positions, dict):
@@ -700,7 +724,7 @@ class NexusScanFile:
         for ds in self.row_sets.values():
             ds.resize(self.rows, axis=0)
         self.written = snap["written"]
-        del self.gaps[snap["gaps"]:]
+        del self.gaps[snap["gaps"] :]
         f["entry/gaps"].resize(len(self.gaps), axis=0)
         for stream, ragged in self.derived.items():
             group = ragged.part.file[ragged.group.name]
@@ -724,7 +748,11 @@ class NexusScanFile:
         entry["frames_written"][()] = self.written
         late: dict[str, np.ndarray] = {}
         if end is not None:
-            for key, name in (("frames", "frames_acquired"), ("dropped", "frames_dropped"), ("expected", "frames_expected")):
+            for key, name in (
+                ("frames", "frames_acquired"),
+                ("dropped", "frames_dropped"),
+                ("expected", "frames_expected"),
+            ):
                 value = end.meta.get(key)
                 if isinstance(value, int) and not isinstance(value, bool):
                     entry[name][()] = value
@@ -758,7 +786,9 @@ class NexusScanFile:
         for motor, column in table.items():
             if not isinstance(column, list):
                 continue
-            values = np.asarray([np.nan if v is None else v for v in column], dtype=np.float64)[: max(self.rows, 0)]
+            values = np.asarray([np.nan if v is None else v for v in column], dtype=np.float64)[
+                : max(self.rows, 0)
+            ]
             if motor in self.motors:
                 ds = self.main.file["entry/scan/positions"][motor.replace("/", "_")]
                 current = ds[: len(values)]

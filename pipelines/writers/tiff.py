@@ -70,10 +70,17 @@ class TiffScanWriter:
             if name in done:
                 continue
             path = self.file_for(name, msg.index)
-            meta = {"scan": self.scan, "index": msg.index, "stream": self.stream, "name": name,
-                    "processing_version": msg.version}
+            meta = {
+                "scan": self.scan,
+                "index": msg.index,
+                "stream": self.stream,
+                "name": name,
+                "processing_version": msg.version,
+            }
             try:
-                tifffile.imwrite(path, np.ascontiguousarray(image), mode="x", metadata=meta, photometric="minisblack")
+                tifffile.imwrite(
+                    path, np.ascontiguousarray(image), mode="x", metadata=meta, photometric="minisblack"
+                )
             except FileExistsError:
                 raise
             except BaseException:
