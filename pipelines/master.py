@@ -37,7 +37,6 @@ from .engine import Engine, Health
 from .sources import FrameSource
 from .transport import BadPeerMessage, Peer, bind_socket, key_of, key_tuple, receive, send
 
-
 #: StartScan metadata copied into every frame's metadata (the steps see only the frame's)
 SCAN_KEYS_FOR_STEPS = ("scan_shape", "snake", "energy_keV", "wavelength")
 
