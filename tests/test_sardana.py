@@ -99,7 +99,7 @@ class Beamline:
             if not pid_alive(proc.pid) or time.monotonic() > deadline:
                 raise AssertionError(f"Sardana did not start; see {self.folder / 'sardana.log'}")
             time.sleep(0.3)
-        door.set_timeout_millis(10000)
+        door.set_timeout_millis(30000)  # a loaded machine: the first RunMacro loads a lot
         self.statuses: list[dict] = []  # MacroStatus events: [{"id", "state", ...}]
         self.subscription = door.subscribe_event(
             "MacroStatus", tango.EventType.CHANGE_EVENT, self._on_macro_status
@@ -110,17 +110,28 @@ class Beamline:
         if not event.err and event.attr_value is not None and event.attr_value.value[1]:
             self.statuses.extend(json.loads(event.attr_value.value[1]))
 
-    def run(self, *macro: str, timeout: float = 120.0) -> dict:
+    def run(self, *macro: str, timeout: float = 300.0) -> dict:
         """Run a macro through the Door until it ends; its final state and log lines."""
         xml = self.door.RunMacro([str(part) for part in macro])[0]
         macro_id = re.search(r'id="([^"]+)"', xml).group(1)
         deadline = time.monotonic() + timeout
+        idle_since = None
+        next_look = time.monotonic() + 2.0
         while True:
             final = [
                 s["state"] for s in list(self.statuses) if s.get("id") == macro_id and s["state"] in FINAL
             ]
-            if final and self.door.State() != tango.DevState.RUNNING:
+            if final and self._door_state() not in (tango.DevState.RUNNING, None):
                 break
+            if not final and time.monotonic() >= next_look:
+                # a status event may be lost on a loaded machine: a Door idle for 10 s has finished
+                next_look = time.monotonic() + 2.0
+                door_state = self._door_state()
+                idle = door_state in (tango.DevState.ON, tango.DevState.ALARM)
+                idle_since = (idle_since or time.monotonic()) if idle else None
+                if idle_since is not None and time.monotonic() - idle_since > 10.0:
+                    final = ["finish" if door_state == tango.DevState.ON else "exception"]
+                    break
             if time.monotonic() > deadline:
                 raise AssertionError(f"macro {macro} still running after {timeout} s")
             time.sleep(0.05)
@@ -129,6 +140,13 @@ class Beamline:
             for level in ("Output", "Warning", "Error")
         }
         return {"state": final[-1], **logs}
+
+    def _door_state(self):
+        """The Door's state, or None while it is too busy to answer."""
+        try:
+            return self.door.State()
+        except tango.DevFailed:
+            return None
 
     def setup_scans(self) -> None:
         master = f"tango://{self.host}/demo/master/1"
