@@ -124,6 +124,7 @@ class MasterEngine(Engine):
         self._last_scan = 0
         self._scan_open = False
         self._closing = False
+        self._ended_by_source = False
         self._source_thread: threading.Thread | None = None
         self._sock: zmq.Socket | None = None
         self._source_error = ""
@@ -193,6 +194,7 @@ class MasterEngine(Engine):
             self.scan_frames = self.scan_dropped = 0
             self.scan_expected = expected
             self._scan_open = True
+            self._ended_by_source = False
             self._source_error = ""
             self._shm_error = ""
             self.stats.reset_scan()
@@ -208,16 +210,22 @@ class MasterEngine(Engine):
         return scan_id
 
     def end_scan(self, timeout: float = 2.0) -> int:
-        """Stop acquiring and close the scan; returns the number of frames acquired."""
+        """Stop acquiring and close the scan; returns the number of frames acquired.
+
+        After a source ended the scan by itself (an Eiger series end), a late EndScan
+        (e.g. Sardana's post-scan hook) is answered with that scan's frame count."""
         with self._cond:
             if not self._scan_open:
+                if self._ended_by_source:
+                    self._ended_by_source = False
+                    return self.scan_frames
                 raise ScanError("no scan is open; send StartScan first")
         self.source.stop()
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         thread = self._source_thread
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
                 raise ScanError(f"the source did not stop within {timeout} s; try EndScan again")
@@ -257,6 +265,9 @@ class MasterEngine(Engine):
                     self._enqueue(msg, count=True)
                     if not self._scan_open:
                         return
+            if getattr(self.source, "ends_scans", False) and self._scan_open and not self._closing:
+                self._ended_by_source = True  # a later EndScan is answered, not refused
+                self.end_scan()  # the stream said the series is over (an Eiger series end)
         except Exception as exc:  # a broken source is reported, the scan can still be ended
             self.log.exception("source failed")
             self._source_error = f"source failed: {exc}"

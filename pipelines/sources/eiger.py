@@ -618,6 +618,8 @@ MAX_GAP = 1_000_000
 class EigerStreamSource:
     """Frames from an Eiger DCU's stream v1 (the master must be its only consumer).
 
+    The series end ends the master's scan (``ends_scans``).
+
     ``frames(scan)`` waits for a series header (up to ``timeout_s``, then
     :class:`SourceError`; None waits until :meth:`stop`), yields each good image
     as ``(array (y, x), meta)`` and returns at the series end, at :meth:`stop`,
@@ -637,6 +639,8 @@ class EigerStreamSource:
     as the md5 of its blob. The arrays of raw-encoded images are read-only views
     of the received buffer.
     """
+
+    ends_scans = True
 
     def __init__(
         self,
