@@ -1,7 +1,6 @@
 """The Tango faces of the engines, each in a real device server (DeviceTestContext)."""
 
 import json
-import time
 
 import pytest
 import tango
@@ -14,16 +13,10 @@ from devices.worker import PipelineWorker
 from pipelines.consumer import ConsumerEngine
 from pipelines.sorter import SorterEngine
 from pipelines.worker import WorkerEngine
+from tests.waiting import wait_for
 
 SMALL_SOURCE = json.dumps({"kind": "simulator", "shape": [32, 32], "rate_hz": 0, "frames": 20})
 
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_sorter_device_publishes_endpoints_units_and_counts_bad_messages():

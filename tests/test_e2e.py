@@ -17,6 +17,7 @@ from devices.deploy import start_server
 from pipelines.definition import DeviceSpec, load_definition
 from pipelines.sources.simulator import SimulatedDetector
 from pipelines.steps import StepChain
+from tests.waiting import wait_for
 
 from .conftest import demo_config, pids_alive, tangopipe, user_env
 
@@ -26,13 +27,6 @@ pytestmark = pytest.mark.slow
 FRAMES = 200
 DEVICE_KEYS = {"name", "class", "state", "status", "endpoint", "counters"}
 
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_status_json_has_stable_keys_and_every_device_is_on(deployed):

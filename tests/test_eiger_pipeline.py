@@ -10,8 +10,7 @@ from pipelines.sources.eiger import EigerStreamSource
 from pipelines.sources.eiger_simulator import SimulatedEigerDCU
 from pipelines.worker import WorkerEngine
 from pipelines.writers import WriterEngine
-
-from .test_flow import wait_for
+from tests.waiting import wait_for
 
 
 def test_series_end_ends_the_scan_and_every_good_frame_is_written(tmp_path):

@@ -18,6 +18,7 @@ from devices.database import pid_alive, stop_process
 from devices.deploy import device_report, wait_ready
 from devices.starter import STARTUP_LEVELS, pipeline_servers, short_hostname, starter_device
 from pipelines.definition import load_definition
+from tests.waiting import wait_for
 
 from . import test_e2e
 from .conftest import BIN, Deployed, demo_config, pids_alive, tangopipe, user_env
@@ -34,13 +35,6 @@ def database_of(tango_host: str) -> tango.Database:
     host, port = tango_host.split(":")
     return tango.Database(host, int(port))
 
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 # -- the end-to-end flow, with TANGO_HOST pointing at the C++ DataBaseds -----------------------

@@ -16,16 +16,10 @@ from pipelines.steps import load_step
 from pipelines.transport import UpstreamLink, receive, send
 from pipelines.worker import WorkerEngine
 from pipelines.writers import WriterEngine
+from tests.waiting import wait_for
 
 STEPS = [{"roi_stats": {"rois": {"corner": [0, 16, 0, 16]}, "bin": 4}}]
 
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Pipeline:

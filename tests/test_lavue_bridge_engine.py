@@ -26,6 +26,7 @@ from pipelines.steps import StepChain, load_step  # noqa: E402
 from pipelines.steps.azimuthal import Caking  # noqa: E402
 from pipelines.steps.maps import MapAssembler  # noqa: E402
 from pipelines.worker import WorkerEngine  # noqa: E402
+from tests.waiting import wait_for
 
 SHAPE = (48, 80)
 PONI = """poni_version: 2.1
@@ -41,13 +42,6 @@ Wavelength: 1.2e-10
 """
 TIMEOUT_S = 20.0
 
-
-def wait_for(predicate, timeout=TIMEOUT_S, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def steps(poni: str, bin_factor: int = 2) -> list:

@@ -27,6 +27,7 @@ from devices.database import database, register, stop_process  # noqa: E402
 from devices.deploy import start_server  # noqa: E402
 from pipelines.definition import DeviceSpec, load_definition  # noqa: E402
 from pipelines.sources.simulator import SimulatedDetector  # noqa: E402
+from tests.waiting import wait_for
 
 from .conftest import ROOT, Deployed, pids_alive, tangopipe  # noqa: E402
 from .lavue_steps import DTYPES, typed_image  # noqa: E402
@@ -104,13 +105,6 @@ def live(tmp_path_factory):
         while pids_alive(pids) and time.monotonic() < deadline:
             time.sleep(0.1)
 
-
-def wait_for(predicate, timeout=TIMEOUT_S, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def counters(dev) -> dict:

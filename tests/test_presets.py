@@ -5,7 +5,6 @@ files hold the physics its simulator put in. One preset also runs for real with
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import h5py
@@ -24,6 +23,7 @@ from pipelines.sources import load_source
 from pipelines.steps.tomo import fbp
 from pipelines.worker import WorkerEngine
 from pipelines.writers import WriterEngine
+from tests.waiting import wait_for
 
 from .conftest import BIN, user_env
 
@@ -31,13 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
 PRESETS = ("xrd", "xrf", "dpc", "hits", "tomo")
 
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class PresetPipeline:

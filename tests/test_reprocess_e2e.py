@@ -4,7 +4,6 @@ results, a new processing version, the originals untouched, nothing left running
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import h5py
@@ -14,6 +13,7 @@ import yaml
 
 from pipelines.sources.simulator import SimulatedDetector
 from pipelines.steps import StepChain
+from tests.waiting import wait_for
 
 from .conftest import Deployed, pids_alive, tangopipe
 
@@ -43,13 +43,6 @@ def config(folder: Path) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
 
-
-def wait_for(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def digest(path: Path) -> str:

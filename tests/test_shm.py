@@ -23,17 +23,11 @@ from pipelines.steps import load_step
 from pipelines.transport import key_of, receive, send
 from pipelines.worker import WorkerEngine, own_arrays
 from pipelines.writers import WriterEngine
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["passthrough", {"roi_stats": {"rois": {"corner": [0, 16, 0, 16]}, "bin": 4}}]
 
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def segment_exists(name: str) -> bool:
