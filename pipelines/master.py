@@ -35,7 +35,7 @@ from . import message as m
 from . import shm
 from .engine import Engine, Health
 from .sources import FrameSource
-from .transport import BadPeerMessage, Peer, bind_socket, key_of, key_tuple, receive, send
+from .transport import Peer, bind_socket, drain, key_of, key_tuple, send
 
 #: StartScan metadata copied into every frame's metadata (the steps see only the frame's)
 SCAN_KEYS_FOR_STEPS = ("scan_shape", "snake", "energy_keV", "wavelength")
@@ -334,14 +334,7 @@ class MasterEngine(Engine):
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         if self.poll(poller):
-            for _ in range(1000):
-                try:
-                    identity, msg = receive(self._sock, routed=True, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except BadPeerMessage as exc:
-                    self.stats.bad.record(exc.reason, exc.detail)
-                    continue
+            for identity, msg in drain(self._sock, self.stats.bad, routed=True, limit=1000):
                 self._handle(identity, msg)
         self._check_peers()
         self._dispatch()

@@ -22,7 +22,7 @@ import zmq
 
 from . import message as m
 from .engine import Engine, Health
-from .transport import BadPeerMessage, Peer, bind_socket, key_of, receive, send
+from .transport import BadPeerMessage, Peer, bind_socket, drain, key_of, receive, send
 
 
 @dataclass
@@ -307,14 +307,7 @@ class SorterEngine(Engine):
 
     def _serve_consumers(self) -> None:
         assert self._router is not None
-        for _ in range(256):
-            try:
-                identity, msg = receive(self._router, routed=True, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except BadPeerMessage as exc:
-                self.stats.bad.record(exc.reason, exc.detail)
-                continue
+        for identity, msg in drain(self._router, self.stats.bad, routed=True, limit=256):
             assert identity is not None
             peer = self.consumers.get(identity)
             if msg.kind == m.HELLO:

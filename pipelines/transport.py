@@ -189,3 +189,15 @@ class UpstreamLink:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+
+
+def drain(sock: zmq.Socket, bad: Any, routed: bool = False, limit: int = 64):
+    """Yield up to ``limit`` waiting messages as (identity, message) without blocking;
+    malformed ones are recorded in ``bad`` (a BadMessageLog) and skipped."""
+    for _ in range(limit):
+        try:
+            yield receive(sock, routed=routed, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        except BadPeerMessage as exc:
+            bad.record(exc.reason, exc.detail)

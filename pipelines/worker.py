@@ -32,7 +32,7 @@ from . import message as m
 from . import shm
 from .engine import Engine, Health
 from .steps import StepChain
-from .transport import BadPeerMessage, UpstreamLink, key_of, new_identity, receive, send
+from .transport import UpstreamLink, drain, key_of, new_identity, send
 
 
 def split_results(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -186,14 +186,7 @@ class WorkerEngine(Engine):
 
     def _receive(self) -> None:
         assert self.link.sock is not None
-        for _ in range(100):
-            try:
-                _, msg = receive(self.link.sock, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except BadPeerMessage as exc:
-                self.stats.bad.record(exc.reason, exc.detail)
-                continue
+        for _, msg in drain(self.link.sock, self.stats.bad, limit=100):
             if msg.kind == m.HELLO and "shm" in msg.body:  # where the master's frames will be
                 self._attach(msg.body["shm"])
             elif msg.kind == m.HELLO:  # the master restarted and does not know us
@@ -263,14 +256,7 @@ class WorkerEngine(Engine):
     def _confirmed(self) -> None:
         """The sorter confirms results it took: now the master may forget their frames."""
         assert self._push is not None
-        for _ in range(100):
-            try:
-                _, reply = receive(self._push, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except BadPeerMessage as exc:
-                self.stats.bad.record(exc.reason, exc.detail)
-                continue
+        for _, reply in drain(self._push, self.stats.bad, limit=100):
             keys = reply.body.get("received") if reply.kind == m.CREDIT else None
             if not isinstance(keys, list):
                 self.stats.bad.record("unexpected_kind", f"{reply.kind} from the sorter")
