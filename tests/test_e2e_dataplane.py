@@ -15,7 +15,7 @@ from .conftest import BIN, Deployed, tangopipe
 pytestmark = pytest.mark.slow
 
 
-def fast_config(folder, **master):
+def fast_config(folder, steps=None, **master):
     from .conftest import demo_config
 
     path = demo_config(folder)
@@ -24,14 +24,14 @@ def fast_config(folder, **master):
     data = yaml.safe_load(path.read_text())
     data["master"]["source"].update(shape=[512, 512], rate_hz=0)
     data["master"].update(heartbeat_timeout_s=1.0, **master)
-    data["groups"]["main"]["steps"] = [{"roi_stats": {"rois": {"center": [200, 300, 200, 300]}, "bin": 4}}]
+    data["groups"]["main"]["steps"] = steps or [{"roi_stats": {"rois": {"center": [200, 300, 200, 300]}, "bin": 4}}]
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 @pytest.fixture
-def fast_pipeline(tmp_path):
-    fast_config(tmp_path)
+def fast_pipeline(tmp_path, request):
+    fast_config(tmp_path, getattr(request, "param", None))
     pipeline = Deployed(tmp_path, config=tmp_path / "pipeline.yaml")
     yield pipeline
     pipeline.down()
@@ -57,6 +57,8 @@ def assert_complete(path, frames):
         assert data["valid"][:].all()
 
 
+# workers slower than the source (5 ms of CPU a frame): each always holds frames when killed
+@pytest.mark.parametrize("fast_pipeline", [[{"benchmarks.steps:busy": {"ms": 5}}]], indirect=True)
 def test_kill_9_of_a_worker_mid_scan_loses_nothing(fast_pipeline):
     master = fast_pipeline.proxy("demo/master/1")
     scan = start_scan(fast_pipeline, 2000)

@@ -40,7 +40,7 @@ class Pipeline:
     def __init__(
         self, tmp_path, use_shm=True, shm_slots=0, capacity=16, heartbeat_timeout_s=3.0, groups=("main",)
     ):
-        self.source = SimulatedDetector(shape=[64, 48], frames=50)
+        self.source = SimulatedDetector(shape=[64, 48], frames=50, rate_hz=0)  # faster than any worker here
         self.master = MasterEngine(
             self.source,
             groups=groups,
