@@ -29,7 +29,9 @@ class SimulatedCamera(Device):
     """A simulated area detector with a LimaCCDs-like acquisition interface."""
 
     Shape = device_property(dtype=(int,), default_value=[512, 512], doc="image size [rows, columns]")
-    Seed = device_property(dtype=int, default_value=7, doc="seed of the simulated frames (same seed, same frames)")
+    Seed = device_property(
+        dtype=int, default_value=7, doc="seed of the simulated frames (same seed, same frames)"
+    )
 
     def init_device(self) -> None:
         super().init_device()
@@ -75,7 +77,9 @@ class SimulatedCamera(Device):
         self._require_idle("acq_nb_frames")
         self._nb_frames = int(value)
 
-    @attribute(dtype=float, access=AttrWriteType.READ_WRITE, unit="s", format="%.4f", doc="exposure time per frame")
+    @attribute(
+        dtype=float, access=AttrWriteType.READ_WRITE, unit="s", format="%.4f", doc="exposure time per frame"
+    )
     def acq_expo_time(self) -> float:
         return self._expo_time
 
@@ -121,7 +125,9 @@ class SimulatedCamera(Device):
         """Start acquiring acq_nb_frames frames, one per acq_expo_time."""
         self._require_idle("startAcq")
         if not self._prepared:
-            raise RuntimeError("startAcq: run prepareAcq first (each acquisition is prepared, as with LimaCCDs)")
+            raise RuntimeError(
+                "startAcq: run prepareAcq first (each acquisition is prepared, as with LimaCCDs)"
+            )
         self._prepared = False
         self._stop.clear()
         self._set_status("Running")

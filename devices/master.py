@@ -96,6 +96,15 @@ class PipelineMaster(PipelineDevice):
     def Acquiring(self) -> bool:
         return bool(self.engine and self.engine.acquiring)
 
+    @attribute(dtype=str, doc="the source's own counters (frames, faults by reason), JSON")
+    def SourceStats(self) -> str:
+        stats = getattr(self.engine.source, "stats", None) if self.engine else None
+        return json.dumps(stats() if callable(stats) else {}, default=str)
+
+    @attribute(dtype=str, doc="the source's last problem (a corrupt frame, a detector gone away)")
+    def SourceLastError(self) -> str:
+        return str(getattr(self.engine.source, "last_error", "") or "") if self.engine else ""
+
     @attribute(dtype=str, doc="scan metadata given to StartScan, JSON")
     def ScanMetadata(self) -> str:
         return json.dumps(self.engine.scan_meta if self.engine else {})

@@ -18,6 +18,7 @@ SOURCES: dict[str, str] = {
     "simulator": "pipelines.sources.simulator:SimulatedDetector",
     "pipeline": "pipelines.sources.chain:PipelineStreamSource",
     "eiger": "pipelines.sources.eiger:EigerStreamSource",
+    "tango_image": "pipelines.sources.tango_image:TangoImageSource",
     "stream": "pipelines.sources.stream:FrameStreamSource",
     "files": "pipelines.sources.files:FileSource",
     "simulator_xrd": "pipelines.sources.simulators:SimulatedDiffraction",
