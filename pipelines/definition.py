@@ -506,7 +506,3 @@ def schema_reference() -> str:
             shown = "required" if default is REQUIRED else f"default {default!r}"
             lines.append(f"  {key:<20} {_type_name(kind)}; {shown}. {doc}")
     return "\n".join(lines)
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    return Path(path).expanduser().resolve()

@@ -96,11 +96,6 @@ class Message:
     version: int = 0
     body: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def key(self) -> tuple:
-        """Identity used for de-duplication: (scan, kind-order, index)."""
-        return (self.scan, self.kind, self.index)
-
     def stamp(self, stage: str) -> Message:
         self.times[stage] = time.time()
         return self
