@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # System packages the tests need: the facility's Tango database (C++ DataBaseds on
-# MariaDB), Starter, tango_admin, and the X/Qt libraries of the GUI tests.
+# MariaDB), Starter, TangoAccessControl, tango_admin, and the X/Qt libraries of the
+# GUI tests.
 # Idempotent. As root it installs what is missing; as another user it prints what
 # is missing (for an administrator to install) and exits 0.
 set -euo pipefail
 
 PACKAGES=(
-    mariadb-server tango-db tango-starter libtango-tools
+    mariadb-server tango-db tango-starter tango-accesscontrol libtango-tools
     xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxkbcommon-x11-0
     libgl1 libegl1 libfontconfig1 libdbus-1-3
 )
@@ -29,7 +30,7 @@ if [ ${#missing[@]} -eq 0 ]; then
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "system-packages: missing (install as root; the facility-database and Starter tests need them):" >&2
+    echo "system-packages: missing (install as root; the facility-database, Starter and access-control tests need them):" >&2
     echo "  apt-get install ${missing[*]}" >&2
     exit 0
 fi

@@ -3,7 +3,8 @@
 When no ``TANGO_HOST`` is given, tangopipe runs its own database: pytango-db's
 ``PyDatabaseds`` on a sqlite file in the state folder, reused next time. A
 pipeline definition is registered as servers, devices and properties, so Jive
-shows the pipeline and Starter can start its servers.
+shows the pipeline and Starter can start its servers, together with the commands
+that users who are read-only under Tango access control may still run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import tango
@@ -102,6 +104,40 @@ def register(db: tango.Database, definition: PipelineDefinition, specs: list[Dev
         info.server = spec.server
         db.add_device(info)
         db.put_device_property(spec.name, spec.tango_properties())
+    allow_read_only_commands(db, {s.cls for s in specs})
+
+
+#: Commands that only read, per device class: Tango access control lets read-only
+#: users run them (class property ``AllowedAccessCmd``). State and Status are
+#: always allowed by the access-control service itself.
+READ_ONLY_COMMANDS: dict[str, tuple[str, ...]] = {
+    "PipelineMaster": ("BadMessageReasons",),
+    "PipelineWorker": ("BadMessageReasons",),
+    "PipelineSorter": ("BadMessageReasons",),
+    "PipelineSink": ("BadMessageReasons", "ListDatasets", "GetResult", "GetSlice", "GetMap"),
+    "PipelineWriter": ("BadMessageReasons",),
+    "LavueBridge": ("BadMessageReasons",),
+}
+
+
+def allow_read_only_commands(db: tango.Database, classes: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Let read-only users of a database with Tango access control run the commands that only read.
+
+    Adds them to each class's ``AllowedAccessCmd`` property, keeping what the
+    facility put there; without an access-control service the property is unused.
+    Returns the property of every class that was changed.
+    """
+    changed: dict[str, list[str]] = {}
+    for cls in READ_ONLY_COMMANDS if classes is None else classes:
+        wanted = READ_ONLY_COMMANDS.get(cls, ())
+        if not wanted:
+            continue
+        current = list(db.get_class_property(cls, ["AllowedAccessCmd"])["AllowedAccessCmd"])
+        missing = [c for c in wanted if c.lower() not in {have.lower() for have in current}]
+        if missing:
+            changed[cls] = current + missing
+            db.put_class_property(cls, {"AllowedAccessCmd": changed[cls]})
+    return changed
 
 
 def unregister(db: tango.Database, servers: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import tango
 from tango import DevState
 from tango.server import attribute, command, device_property, run
 
@@ -40,6 +41,10 @@ class PipelineMaster(PipelineDevice):
     ShmSlots = device_property(
         dtype=int, default_value=0, doc="frames the shared-memory ring holds (0: automatic, bounded by /dev/shm)"
     )
+    LastScanId = device_property(
+        dtype=int, default_value=0,
+        doc="kept up to date by the master: scans numbered by it go on after this one, also after a restart",
+    )  # fmt: skip
 
     Workers = counter("Workers", "workers", "connected workers")
     Redispatched = counter("Redispatched", "frames", "frames sent again after their worker was lost")
@@ -67,7 +72,20 @@ class PipelineMaster(PipelineDevice):
             use_shm=self.UseSharedMemory,
             shm_slots=self.ShmSlots,
         )
+        engine.continue_numbering(self.LastScanId)
         return engine
+
+    def _on_engine_event(self, event: str, payload: Any) -> None:
+        if event == "scan_started" and isinstance(payload, int) and not isinstance(payload, bool):
+            self._remember_scan(payload)
+
+    def _remember_scan(self, scan_id: int) -> None:
+        """Store the last scan id in the database, so a restarted master does not reuse it."""
+        try:
+            with tango.EnsureOmniThread():
+                tango.Database().put_device_property(self.get_name(), {"LastScanId": [str(scan_id)]})
+        except tango.DevFailed as exc:
+            self.log.warning("could not store LastScanId %s: %s", scan_id, exc.args[0].desc if exc.args else exc)
 
     def upstreams(self) -> list[tuple[str, str, str]]:
         """A chained source names the upstream pipeline's sorter device."""

@@ -32,6 +32,11 @@ class PipelineSorter(PipelineDevice):
     Duplicates = counter("Duplicates", "results", "duplicate results dropped (frames dispatched twice)")
     Backlog = counter("Backlog", "messages", "ordered messages waiting for the slowest consumer")
     Consumers = counter("Consumers", "", "connected consumers (sink, writers)")
+    LostForConsumers = counter(
+        "LostForConsumers", "results", "results a consumer did not get because it was away (see ConsumerLosses)"
+    )
+    ConsumersAway = counter("ConsumersAway", "", "consumers that went away and are waited for (restart them)")
+    AbortedScans = counter("AbortedScans", "scans", "scans ended early because their master restarted")
 
     engine: SorterEngine
 
@@ -49,7 +54,7 @@ class PipelineSorter(PipelineDevice):
         )
 
     def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "MissingFrames", "Duplicates", "Backlog", "Consumers"]
+        return [*super().event_attributes(), "MissingFrames", "Duplicates", "Backlog", "Consumers", "LostForConsumers"]
 
     @attribute(dtype=str, doc="where workers push their results (ZeroMQ endpoint)")
     def CollectEndpoint(self) -> str:
@@ -62,6 +67,10 @@ class PipelineSorter(PipelineDevice):
     @attribute(dtype=str, doc="the last missing (scan, index) pairs, JSON")
     def MissingIndices(self) -> str:
         return json.dumps(list(self.engine.reorder.missing_indices)[-100:] if self.engine else [])
+
+    @attribute(dtype=str, doc="results each consumer missed while away: {consumer: {scan: [[first, stop), ...]]}, JSON")
+    def ConsumerLosses(self) -> str:
+        return json.dumps(self.engine.consumer_losses if self.engine else {})
 
 
 def main(args: list[str] | None = None) -> None:

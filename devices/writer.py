@@ -82,6 +82,9 @@ class PipelineWriter(PipelineDevice):
     )
 
     FramesWritten = counter("FramesWritten", "frames", "results written to files")
+    LostRows = counter(
+        "LostRows", "frames", "rows a killed writer had not flushed, written as gaps when it carried on with the file"
+    )
     GapsWritten = counter("GapsWritten", "frames", "gap rows written (frames without a result)")
     ScansDone = counter("ScansDone", "scans", "scans closed")
     HeldMessages = counter(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class WorkItem:
     key: tuple = ()
     shm: dict[str, Any] | None = None  # handle of the ring slot holding a copy of the frame
     shm_holders: set[bytes] = field(default_factory=set)  # workers sent that handle, not done yet
+
+
+#: how long a lost worker keeps the master in ALARM if it does not come back
+LOST_ALARM_S = 600.0
 
 
 class MasterEngine(Engine):
@@ -115,13 +120,16 @@ class MasterEngine(Engine):
         self.redispatched = 0
         self._dispatch_count = 0
         self.lost_workers = 0
+        self._lost_names: dict[str, float] = {}  # workers lost and not back yet -> when (ALARM)
         self.dispatched = 0
         self.scan_id: int | str | None = None
         self.scan_meta: dict[str, Any] = {}
         self.scan_frames = 0
         self.scan_expected = 0
         self.scan_dropped = 0
-        self._last_scan = 0
+        self._last_scan = 0  # numbering goes on from here (a device sets it from the database)
+        # this run of the master: scans of an earlier run (killed mid-scan) are ended by the sorter
+        self.epoch = uuid.uuid4().hex[:12]
         self._scan_open = False
         self._closing = False
         self._ended_by_source = False
@@ -198,6 +206,8 @@ class MasterEngine(Engine):
             self._source_error = ""
             self._shm_error = ""
             self.stats.reset_scan()
+            meta.setdefault("scan_uid", uuid.uuid4().hex)  # tells this scan's file from another with its id
+            meta["master_epoch"] = self.epoch
             start = m.Message(m.SCAN_START, scan=scan_id, stream=self.stream, meta=meta)
             start.meta["source"] = self.source.describe()
             self._enqueue(start.stamp("master"), count=False)
@@ -206,6 +216,8 @@ class MasterEngine(Engine):
         )
         self._source_thread.start()
         self.set_health(Health.RUNNING, f"Scan {scan_id} running")
+        if self._lost_names:
+            self._lost_alarm()
         self.emit("scan_started", scan_id)
         return scan_id
 
@@ -240,6 +252,14 @@ class MasterEngine(Engine):
         self.set_health(Health.ON, f"Scan {self.scan_id} ended after {frames} frames; idle")
         self.emit("scan_ended", (self.scan_id, frames))
         return frames
+
+    def continue_numbering(self, last_scan: int) -> None:
+        """Number the next scans after ``last_scan`` (kept across restarts by the device)."""
+        self._last_scan = max(self._last_scan, int(last_scan))
+
+    @property
+    def last_scan(self) -> int:
+        return self._last_scan
 
     @property
     def scan_open(self) -> bool:
@@ -352,7 +372,15 @@ class MasterEngine(Engine):
                 return
             if peer is not None:
                 self._requeue(peer, "said hello again")
+            for other, old in list(self.peers.items()):  # the same worker on a new connection
+                if old.name == name and other != identity:
+                    self._requeue(old, "reconnected")
+                    del self.peers[other]
+                    self._shm_peers.pop(other, None)
             self.peers[identity] = Peer(identity, name, group, credit)
+            if self._lost_names.pop(name, None) is not None:
+                self.log.info("worker %s is back", name)
+                self._lost_alarm()
             self._shm_peers.pop(identity, None)
             local = self.use_shm and shm.same_host(msg.body, self._boot_id)
             if local:
@@ -474,7 +502,28 @@ class MasterEngine(Engine):
                 self._requeue(peer, f"silent for {now - peer.last_seen:.1f} s (lost)")
                 del self.peers[identity]
                 self._shm_peers.pop(identity, None)
+                self._lost_names[peer.name] = now
+                self._lost_alarm()
                 self.emit("workers", self.worker_names())
+        for name, since in list(self._lost_names.items()):
+            if now - since > LOST_ALARM_S:  # not coming back (scaled down, host gone): stop saying so
+                del self._lost_names[name]
+                self._lost_alarm()
+
+    def _lost_alarm(self) -> None:
+        """ALARM while workers that stopped answering are not back, naming them."""
+        if self.health is Health.FAULT:
+            return
+        if self._lost_names:
+            names = ", ".join(sorted(self._lost_names))
+            self.set_health(
+                Health.ALARM,
+                f"Worker {names} lost (stopped answering): its frames went to the other workers; "
+                "restart it (tangopipe restart, or Astor)",
+            )
+        elif self.health is Health.ALARM and self.status.startswith("Worker "):
+            running = self._scan_open
+            self.set_health(Health.RUNNING if running else Health.ON, f"Scan {self.scan_id} running" if running else "Idle")
 
     def _dispatch(self) -> None:
         assert self._sock is not None

@@ -24,6 +24,24 @@ from . import message as m
 from .engine import Engine, Health
 from .transport import BadPeerMessage, Peer, bind_socket, drain, key_of, receive, send
 
+#: how many messages are kept (results as gap records) for a consumer that went away
+AWAY_LIMIT = 100_000
+#: how long a consumer that went away is waited for before it is forgotten
+AWAY_KEEP_S = 3600.0
+
+
+@dataclass
+class _Away:
+    """What a consumer that went away (killed, restarting) gets when it comes back under
+    the same name: what it had not confirmed, then what it missed, results turned into
+    gap records that name the loss, so its files and counters say exactly what is lost."""
+
+    name: str
+    since: float
+    replay: deque = field(default_factory=deque)  # messages to send again, in order
+    open_start: m.Message | None = None  # the scan the consumer was in, if any
+    lost: int = 0
+
 
 @dataclass
 class _ScanOrder:
@@ -54,6 +72,48 @@ class ReorderBuffer:
         self.missing = 0
         self.missing_indices: deque[tuple[int | str, int]] = deque(maxlen=1000)
         self.emitted = 0
+        self.aborted_scans = 0
+
+    def resume(self, scan: int | str, stream: str, next_index: int) -> bool:
+        """Continue a scan a consumer was in when this sorter (re)started: its start was
+        already delivered, indices below ``next_index`` too. Returns False if the scan is
+        known here already (then nothing changes)."""
+        if scan in self._finished:
+            return False
+        order = self._scans.get(scan)
+        if order is not None and (order.started or order.start is not None):
+            return False
+        if order is None:
+            order = self._scans[scan] = _ScanOrder(scan, stream)
+        order.started = True
+        order.next_index = max(0, next_index)
+        for index in [i for i in order.buffer if i < order.next_index]:
+            del order.buffer[index]
+            self.late += 1
+        return True
+
+    def _supersede(self, start: m.Message) -> None:
+        """A scan start from a restarted master (another ``master_epoch``): the scans of
+        the master before it will get no more frames; end them with what they have (the
+        holes as gaps) instead of holding the new scan behind them."""
+        epoch = start.meta.get("master_epoch")
+        if not epoch:
+            return
+        reason = "the master restarted before this frame was processed"
+        for order in list(self._scans.values()):
+            if order.scan == start.scan or order.end is not None or order.start is None:
+                continue
+            if order.start.meta.get("master_epoch") in (None, epoch):
+                continue
+            self.aborted_scans += 1
+            total = max([order.next_index, *(i + 1 for i in order.buffer)])
+            for index in range(order.next_index, total):
+                if index not in order.buffer:
+                    body = {"reason": reason, "by": "sorter"}
+                    order.buffer[index] = m.Message(m.GAP, scan=order.scan, index=index, stream=order.stream, body=body)
+            aborted = {"frames": total, "aborted": "the master restarted during the scan"}
+            order.total = total
+            order.end = m.Message(m.SCAN_END, scan=order.scan, stream=order.stream, body=aborted, meta=dict(aborted))
 
     @property
     def buffered(self) -> int:
@@ -73,6 +133,7 @@ class ReorderBuffer:
                 self.duplicates += 1
                 return []
             order.start = msg
+            self._supersede(msg)
         elif msg.kind == m.SCAN_END:
             if order.end is not None:
                 self.duplicates += 1
@@ -153,6 +214,14 @@ class ReorderBuffer:
         return out
 
 
+def _resumed(start: m.Message) -> m.Message:
+    """A copy of a scan start marked as the resumption of a scan the consumer was in."""
+    copy = m.Message(m.SCAN_START, scan=start.scan, stream=start.stream, meta=dict(start.meta), body=dict(start.body))
+    copy.times = dict(start.times)
+    copy.body["resumed"] = True
+    return copy
+
+
 class SorterEngine(Engine):
     """Sockets around a :class:`ReorderBuffer`; see the module docstring."""
 
@@ -187,8 +256,16 @@ class SorterEngine(Engine):
         self.endpoint = ""
         self.consumers: dict[bytes, Peer] = {}
         self._outboxes: dict[bytes, deque[m.Message]] = {}
+        # per consumer: what was sent and not yet credited (one entry per send), and the
+        # scan it confirmed starting and not ending: needed to resume it after a restart
+        self._inflight: dict[bytes, deque[list[m.Message]]] = {}
+        self._open_start: dict[bytes, m.Message | None] = {}
+        self._away: dict[str, _Away] = {}
+        self.consumer_losses: dict[str, dict[str, list[list[int]]]] = {}  # name -> scan -> ranges
+        self.lost_for_consumers = 0
+        self.forgotten_consumers = 0
         self._unclaimed: deque[m.Message] = deque()  # ordered output while no consumer is connected
-        self.undelivered = 0
+        self._scan_gaps = 0  # gaps passed on in the current (or last) scan: ALARM until the next scan
         self._pull: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
         self._last_expire = 0.0
@@ -230,6 +307,7 @@ class SorterEngine(Engine):
             self._last_expire = now
             self._deliver(self.reorder.expire(now))
             self._drop_silent_consumers(now)
+            self._forget_old(now)
             self._update_health()
         self._send_all()
 
@@ -265,6 +343,10 @@ class SorterEngine(Engine):
     def _deliver(self, ready: list[m.Message]) -> None:
         now = time.time()
         for msg in ready:
+            if msg.kind == m.SCAN_START:
+                self._scan_gaps = 0
+            elif msg.kind == m.GAP:
+                self._scan_gaps += 1
             if msg.kind == m.RESULT:
                 self.stats.count_out()
                 acquired = msg.times.get("acquired")
@@ -272,7 +354,37 @@ class SorterEngine(Engine):
                     self.stats.latency.add(now - acquired)
             for outbox in self._outboxes.values() or [self._unclaimed]:
                 outbox.append(msg)
+            for away in list(self._away.values()):
+                self._keep_for(away, msg)
             self.emit("ordered", msg)
+
+    def _keep_for(self, away: _Away, msg: m.Message) -> None:
+        """Keep ``msg`` for a consumer that is away: results as gap records naming the loss."""
+        if msg.kind == m.RESULT:
+            assert msg.index is not None
+            reason = f"not delivered: consumer {away.name} was away (killed or restarting) since {away.since:.0f}"
+            msg = m.Message(m.GAP, scan=msg.scan, index=msg.index, stream=msg.stream, body={"reason": reason, "by": "sorter"})
+            self._count_loss(away.name, msg.scan, msg.index)
+            away.lost += 1
+        away.replay.append(msg)
+        if len(away.replay) > AWAY_LIMIT:
+            self._forget(away, f"more than {AWAY_LIMIT} messages missed")
+
+    def _count_loss(self, name: str, scan: int | str, index: int) -> None:
+        """Record a result a consumer will not get, as ranges of indices per scan."""
+        self.lost_for_consumers += 1
+        ranges = self.consumer_losses.setdefault(name, {}).setdefault(str(scan), [])
+        if ranges and ranges[-1][1] == index:
+            ranges[-1][1] = index + 1
+        else:
+            ranges.append([index, index + 1])
+        if len(self.consumer_losses[name]) > 64:  # the oldest scans' records go first
+            del self.consumer_losses[name][next(iter(self.consumer_losses[name]))]
+
+    def _forget(self, away: _Away, why: str) -> None:
+        self._away.pop(away.name, None)
+        self.forgotten_consumers += 1
+        self.log.error("consumer %s forgotten (%s): it starts afresh if it comes back", away.name, why)
 
     def _send_all(self) -> None:
         """Send each consumer what it has credit for: single messages, or batches of up
@@ -298,8 +410,7 @@ class SorterEngine(Engine):
                     send(self._router, chunk, identity, zmq.NOBLOCK)
                 except zmq.ZMQError:
                     break
-                for _ in range(count):
-                    outbox.popleft()
+                self._inflight[identity].append([outbox.popleft() for _ in range(count)])
                 peer.credit -= 1
                 peer.sent += count
                 self.batches_sent += 1
@@ -316,12 +427,7 @@ class SorterEngine(Engine):
                     self.stats.bad.record("bad_hello", f"hello {str(msg.body)[:80]}")
                     continue
                 if peer is None:
-                    self.consumers[identity] = Peer(identity, name, credit=credit)
-                    # the first consumer takes what was sorted while nobody listened
-                    self._outboxes[identity] = self._unclaimed if not self._outboxes else deque()
-                    self._unclaimed = deque()
-                    self.log.info("consumer %s connected with credit %d", name, credit)
-                    self.emit("consumers", self.consumer_names())
+                    self._add_consumer(identity, name, credit, msg.body.get("resume"))
                 else:
                     peer.credit = credit
             elif peer is None:
@@ -340,6 +446,7 @@ class SorterEngine(Engine):
                 peer.credit += n
                 peer.done += n
                 peer.last_seen = time.monotonic()
+                self._credited(identity, n)
             elif msg.kind == m.HEARTBEAT:
                 peer.last_seen = time.monotonic()
             elif msg.kind == m.BYE:
@@ -347,16 +454,77 @@ class SorterEngine(Engine):
             else:
                 self.stats.bad.record("unexpected_kind", f"{msg.kind} from consumer {peer.name}")
 
-    def _remove(self, identity: bytes, why: str) -> None:
-        peer = self.consumers.pop(identity)
-        lost = self._outboxes.pop(identity)
-        if lost:
-            self.undelivered += len(lost)
-            indices = [(x.scan, x.index) for x in lost if x.kind == m.RESULT]
-            self.log.error("consumer %s %s with %d undelivered messages: %s", peer.name, why, len(lost), indices[:50])
+    def _add_consumer(self, identity: bytes, name: str, credit: int, resume: Any) -> None:
+        for other, peer in list(self.consumers.items()):  # the same consumer, restarted
+            if peer.name == name:
+                self._remove(other, "replaced by a new connection under the same name (restarted)")
+        self.consumers[identity] = Peer(identity, name, credit=credit)
+        self._inflight[identity] = deque()
+        self._open_start[identity] = None
+        away = self._away.pop(name, None)
+        if away is not None:
+            outbox = away.replay
+            if away.open_start is not None and not (outbox and outbox[0].kind == m.SCAN_START):
+                outbox.appendleft(_resumed(away.open_start))
+            self.log.warning(
+                "consumer %s is back after %.1f s: %d messages sent again, %d results lost for it",
+                name, time.monotonic() - away.since, len(outbox), away.lost,
+            )  # fmt: skip
+        elif not self._outboxes:  # the first consumer takes what was sorted while nobody listened
+            outbox, self._unclaimed = self._unclaimed, deque()
         else:
-            self.log.info("consumer %s %s", peer.name, why)
+            outbox = deque()
+        self._outboxes[identity] = outbox
+        if isinstance(resume, dict):
+            self._resume_scan(name, resume)
+        self.log.info("consumer %s connected with credit %d", name, credit)
         self.emit("consumers", self.consumer_names())
+
+    def _resume_scan(self, name: str, resume: dict) -> None:
+        """A consumer in the middle of a scan this sorter does not know (it restarted):
+        carry on from where the consumer is; what the old sorter lost becomes gaps."""
+        scan, stream, nxt = resume.get("scan"), resume.get("stream", ""), resume.get("next")
+        if isinstance(scan, bool) or not isinstance(scan, int | str) or not isinstance(nxt, int) or nxt < 0:
+            self.stats.bad.record("bad_hello", f"resume {str(resume)[:80]} from {name}")
+            return
+        if self.reorder.resume(scan, stream if isinstance(stream, str) else "", nxt):
+            self.log.warning("scan %s resumed at index %d for consumer %s (this sorter restarted)", scan, nxt, name)
+
+    def _credited(self, identity: bytes, n: int) -> None:
+        inflight = self._inflight[identity]
+        for _ in range(min(n, len(inflight))):
+            for msg in inflight.popleft():
+                if msg.kind == m.SCAN_START:
+                    self._open_start[identity] = msg
+                elif msg.kind == m.SCAN_END:
+                    self._open_start[identity] = None
+
+    def _remove(self, identity: bytes, why: str) -> None:
+        """A consumer left: said goodbye, fell silent, or came back under a new connection.
+        What it had not confirmed is kept to send again if it comes back (see _Away)."""
+        peer = self.consumers.pop(identity)
+        unsent = self._outboxes.pop(identity)
+        inflight = self._inflight.pop(identity)
+        open_start = self._open_start.pop(identity)
+        if why == "left" and not unsent and not inflight:
+            self.log.info("consumer %s %s", peer.name, why)
+        else:
+            away = _Away(peer.name, time.monotonic(), open_start=open_start)
+            for msg in (msg for chunk in inflight for msg in chunk):
+                away.replay.append(msg)
+            for msg in unsent:
+                away.replay.append(msg)
+            self._away[peer.name] = away
+            self.log.error(
+                "consumer %s %s with %d messages not confirmed: kept to send again when it comes back; "
+                "results sorted meanwhile are recorded as lost for it", peer.name, why, len(away.replay),
+            )  # fmt: skip
+        self.emit("consumers", self.consumer_names())
+
+    def _forget_old(self, now: float) -> None:
+        for away in list(self._away.values()):
+            if now - away.since > AWAY_KEEP_S:
+                self._forget(away, f"away for more than {AWAY_KEEP_S:.0f} s")
 
     def _drop_silent_consumers(self, now: float) -> None:
         for identity, peer in list(self.consumers.items()):
@@ -366,7 +534,14 @@ class SorterEngine(Engine):
     def _update_health(self) -> None:
         if self.health is Health.FAULT:
             return
-        if self.reorder.missing:
+        if self._away:
+            names = ", ".join(sorted(self._away))
+            self.set_health(
+                Health.ALARM,
+                f"Consumer {names} went away (killed or stopped): results sorted meanwhile are kept as gap "
+                f"records for it ({self.lost_for_consumers} so far, see ConsumerLosses); restart it (tangopipe restart)",
+            )
+        elif self._scan_gaps:
             self.set_health(
                 Health.ALARM,
                 f"{self.reorder.missing} frames missing (gap records sent); last {self.reorder.missing_indices[-1]}",
@@ -397,7 +572,9 @@ class SorterEngine(Engine):
             Duplicates=self.reorder.duplicates,
             LateResults=self.reorder.late,
             Consumers=len(self.consumers),
-            Undelivered=self.undelivered,
+            LostForConsumers=self.lost_for_consumers,
+            ConsumersAway=len(self._away),
+            AbortedScans=self.reorder.aborted_scans,
             BatchesSent=self.batches_sent,
         )
         return c

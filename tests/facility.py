@@ -4,8 +4,9 @@ Beamlines run the Debian ``tango-db`` package (DataBaseds 9.3 on MariaDB), not
 pytango-db; these helpers start a private one, so tests run against the real
 thing without touching a system service: a MariaDB server on its own data folder,
 socket and loopback port, the ``tango`` schema of the Debian package loaded into
-it, and ``/usr/lib/tango/DataBaseds 2`` on a free loopback port. Everything is
-stopped by PID. The packages come from ``.ci/system-packages.sh``.
+it, and ``/usr/lib/tango/DataBaseds 2`` on a free loopback port; on request
+Debian's Starter and TangoAccessControl servers. Everything is stopped by PID.
+The packages come from ``.ci/system-packages.sh``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from devices.database import pid_alive, stop_process
 
 DATABASEDS = Path("/usr/lib/tango/DataBaseds")
 STARTER = Path("/usr/lib/tango/Starter")
+ACCESS_CONTROL = Path("/usr/lib/tango/TangoAccessControl")
 TANGO_SCHEMA = Path("/usr/share/dbconfig-common/data/tango-db/install/mysql")
 MYSQL_USER = "tango"
 MYSQL_PASSWORD = "tango-test-password"
@@ -290,6 +292,112 @@ class Starter:
             return self.proxy().state() is not None
         except tango.DevFailed:
             return False
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process(self.pid)
+            self.pid = 0
+
+
+@dataclass
+class AccessControl:
+    """Debian's TangoAccessControl on a facility database: Tango access control for its clients.
+
+    The service is switched on by registering it in the database (free property
+    ``CtrlSystem``/``Services``: ``AccessControl/tango:sys/access_control/1``); from
+    then on every client library asks it, per device, whether its user (the
+    process's effective OS user) may write, and refuses commands and attribute
+    writes of read-only users itself (API_ReadOnlyMode). The rights live in the
+    ``access_device`` and ``access_address`` tables of the tango schema.
+
+    A client caches the service per database for its whole life, so switching it
+    off again is not seen by a client process that ever saw it on: give a test
+    that switches it on a database of its own.
+    """
+
+    facility: FacilityDatabase
+    folder: Path
+    pid: int = 0
+
+    device = "sys/access_control/1"
+    server = "TangoAccessControl/1"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "TangoAccessControl.log"
+
+    def prepare_tables(self) -> None:
+        """Give the ``updated`` columns of the access tables a default.
+
+        TangoAccessControl 9.3 inserts rows without them; MariaDB 10.10 and newer
+        (Debian 12) no longer give the first TIMESTAMP column an implicit default
+        (explicit_defaults_for_timestamp), so AddDeviceForUser would fail with
+        "Field 'updated' doesn't have a default value".
+        """
+        self.facility.mariadb.client(
+            MYSQL_DATABASE,
+            stdin="\n".join(
+                f"ALTER TABLE {table} MODIFY updated TIMESTAMP NOT NULL "
+                "DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP;"
+                for table in ("access_address", "access_device")
+            ),
+        )
+
+    def register(self) -> None:
+        """The device, as the tango schema registers it (again, should it be gone)."""
+        info = tango.DbDevInfo()
+        info.name, info._class, info.server = self.device, "TangoAccessControl", self.server
+        self.facility.database().add_device(info)
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Run the server (it reads the access tables through MYSQL_* like DataBaseds); not yet switched on."""
+        if not ACCESS_CONTROL.exists():
+            raise RuntimeError(f"{ACCESS_CONTROL} not found: {INSTALL_HINT}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prepare_tables()
+        self.register()
+        env = dict(self.facility.environment(), TANGO_HOST=self.facility.tango_host)
+        with open(self.log, "w") as log:
+            proc = subprocess.Popen(
+                [str(ACCESS_CONTROL), "1", "-ORBendPoint", "giop:tcp:127.0.0.1:0"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self.pid = proc.pid
+        _wait(self._answers, timeout, "TangoAccessControl", self.pid, self.log)
+
+    def proxy(self) -> tango.DeviceProxy:
+        dev = tango.DeviceProxy(f"tango://{self.facility.tango_host}/{self.device}")
+        dev.set_timeout_millis(10000)
+        return dev
+
+    def _answers(self) -> bool:
+        try:
+            return self.proxy().state() == tango.DevState.ON
+        except tango.DevFailed:
+            return False
+
+    def switch_on(self) -> None:
+        """Register the service in the database (its RegisterService command): access control is on."""
+        self.proxy().RegisterService()
+
+    def set_rights(self, user: str, rights: str, devices: str = "*/*/*") -> None:
+        """``user`` (``*``: anyone not named) gets ``rights`` (read or write) on ``devices`` (wildcards)."""
+        dev = self.proxy()
+        for old in ("read", "write"):
+            if old != rights:
+                dev.RemoveDeviceForUser([user, devices, old])
+        try:
+            dev.AddDeviceForUser([user, devices, rights])
+        except tango.DevFailed as exc:
+            if exc.args[0].reason != "AC_AlreadyExists":
+                raise
+
+    def rights(self, user: str, device: str, addresses: list[str]) -> str:
+        """What the service answers a client of ``user`` on these IP addresses: read or write."""
+        return self.proxy().GetAccessForMultiIP([user, device, *addresses])
 
     def stop(self) -> None:
         if self.pid:

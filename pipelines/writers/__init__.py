@@ -264,8 +264,9 @@ class WriterSettings:
     def name_fields(self, start: m.Message) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "scan": start.scan, "stream": start.stream}
 
-    def scan_file(self, start: m.Message) -> Path:
-        """The (not yet existing) file of a one-file kind: StartScan's ``scan_file`` or the pattern."""
+    def scan_file(self, start: m.Message, unique: bool = True) -> Path:
+        """The (not yet existing) file of a one-file kind: StartScan's ``scan_file`` or the
+        pattern; ``unique=False``: the name before a ``_2`` is added (to resume a file)."""
         name = start.meta.get("scan_file") if self.kind == "nexus" else None
         if isinstance(name, str) and name:
             name = format_name(name, **self.name_fields(start))
@@ -273,7 +274,8 @@ class WriterSettings:
                 name += ".h5"
         else:
             name = format_name(self.pattern, **self.name_fields(start))
-        return unique_path(self.scan_directory(start) / name)
+        path = self.scan_directory(start) / name
+        return unique_path(path) if unique else path
 
 
 class ScanWriter(Protocol):
@@ -290,9 +292,21 @@ class ScanWriter(Protocol):
 
 
 def open_scan_writer(settings: WriterSettings, start: m.Message) -> ScanWriter:
-    """Make the writer of one scan for ``settings.kind``."""
+    """Make the writer of one scan for ``settings.kind``.
+
+    A scan start marked ``resumed`` (a writer restarted during the scan) carries on in
+    the scan's file when it is there and belongs to that scan (NeXus)."""
     if settings.kind == "nexus":
         from .nexus import NexusScanFile
+
+        path = settings.scan_file(start, unique=False)
+        if start.body.get("resumed") and path.exists():
+            try:
+                return NexusScanFile.resume(
+                    path, start, swmr=settings.swmr, compression=settings.compression, save_raw=settings.save_raw
+                )
+            except FileExistsError:
+                pass  # another scan's file: this scan gets a new one
 
         return NexusScanFile(
             settings.scan_file(start),
@@ -313,6 +327,17 @@ def open_scan_writer(settings: WriterSettings, start: m.Message) -> ScanWriter:
     from .cube import CubeScanWriter
 
     return CubeScanWriter(settings, start)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``: indices as a short text for logs and Status."""
+    parts: list[list[int]] = []
+    for index in indices:
+        if parts and parts[-1][1] == index - 1:
+            parts[-1][1] = index
+        else:
+            parts.append([index, index])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in parts)
 
 
 class WriterEngine(ConsumerEngine):
@@ -339,6 +364,7 @@ class WriterEngine(ConsumerEngine):
         self.last_file = ""
         self.frames_written = 0
         self.gaps_written = 0
+        self.lost_rows = 0  # rows lost with a writer killed before flushing them
         self.skipped: set[str] = set()
         self._held: deque[m.Message] = deque()
         self.fault = ""  # the storage fault being retried ("" when none)
@@ -444,6 +470,8 @@ class WriterEngine(ConsumerEngine):
             path = self.settings.scan_directory(msg)
             self.file = self._guarded(path, lambda: open_scan_writer(self.settings, msg))
             self.last_file = str(self.file.path)
+            if getattr(self.file, "resumed", False):
+                self.log.warning("scan %s: carrying on in %s (%d rows there)", msg.scan, self.last_file, self.file.rows)  # type: ignore[attr-defined]
             self.emit("file", self.last_file)
             self.set_health(Health.RUNNING, f"Scan {msg.scan}: writing {self.last_file}")
         elif self.file is None or msg.scan != getattr(self.file, "scan", msg.scan):
@@ -451,7 +479,16 @@ class WriterEngine(ConsumerEngine):
             self.log.error("%s for scan %s without an open file; not written", msg.kind, msg.scan)
         elif msg.kind in (m.RESULT, m.GAP):
             file = self.file
+            if getattr(file, "resumed", False) and msg.index < file.rows:  # type: ignore[attr-defined]
+                self.duplicates += 1  # sent again after a restart, already in the file
+                return
+            lost = len(getattr(file, "lost_rows", ()))
             self._guarded(file.path, lambda: file.write(msg))
+            lost_now = getattr(file, "lost_rows", [])[lost:]
+            if lost_now:
+                self.lost_rows += len(lost_now)
+                self.gaps_written += len(lost_now)
+                self.log.error("scan %s: rows %s were lost with the writer that was killed", msg.scan, _ranges(lost_now))
             if msg.kind == m.RESULT:
                 self.frames_written += 1
                 self.stats.count_out()
@@ -544,6 +581,7 @@ class WriterEngine(ConsumerEngine):
         c.update(
             FramesWritten=self.frames_written,
             GapsWritten=self.gaps_written,
+            LostRows=self.lost_rows,
             QueueDepth=len(self._held),
             HeldMessages=len(self._held),
             StorageFaults=self.storage_faults,

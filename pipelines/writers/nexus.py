@@ -161,6 +161,73 @@ def restore_end_of_file(path: Path) -> None:
         os.truncate(path, base + end)
 
 
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 hash (``hashlittle``, initial value 0): HDF5's metadata checksum."""
+    mask = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & mask
+
+    def word(j: int) -> int:
+        return int.from_bytes(data[j : j + 4], "little")
+
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length) & mask
+    i = 0
+    while length > 12:
+        a, b, c = (a + word(i)) & mask, (b + word(i + 4)) & mask, (c + word(i + 8)) & mask
+        a = ((a - c) & mask) ^ rot(c, 4)
+        c = (c + b) & mask
+        b = ((b - a) & mask) ^ rot(a, 6)
+        a = (a + c) & mask
+        c = ((c - b) & mask) ^ rot(b, 8)
+        b = (b + a) & mask
+        a = ((a - c) & mask) ^ rot(c, 16)
+        c = (c + b) & mask
+        b = ((b - a) & mask) ^ rot(a, 19)
+        a = (a + c) & mask
+        c = ((c - b) & mask) ^ rot(b, 4)
+        b = (b + a) & mask
+        length -= 12
+        i += 12
+    if length == 0:
+        return c
+    tail = data[i:] + bytes(12 - length)
+    a = (a + int.from_bytes(tail[0:4], "little")) & mask
+    b = (b + int.from_bytes(tail[4:8], "little")) & mask
+    c = (c + int.from_bytes(tail[8:12], "little")) & mask
+    c = ((c ^ b) - rot(b, 14)) & mask
+    a = ((a ^ c) - rot(c, 11)) & mask
+    b = ((b ^ a) - rot(a, 25)) & mask
+    c = ((c ^ b) - rot(b, 16)) & mask
+    a = ((a ^ c) - rot(c, 4)) & mask
+    b = ((b ^ a) - rot(a, 14)) & mask
+    c = ((c ^ b) - rot(b, 24)) & mask
+    return c
+
+
+def clear_write_flags(path: Path) -> bool:
+    """Clear the "open for writing" marks a writer killed while writing leaves in the
+    superblock (what ``h5clear -s`` does), so the file can be opened for writing again.
+
+    Only superblock versions 2/3 (libver "latest", what tangopipe writes) carry them;
+    returns True if they were set.
+    """
+    with open(path, "r+b") as fh:
+        head = bytearray(fh.read(48))
+        if len(head) < 48 or not head.startswith(_SIGNATURE) or head[8] not in (2, 3) or head[9] != 8:
+            return False
+        if int.from_bytes(head[44:48], "little") != _lookup3(bytes(head[:44])):
+            raise OSError(f"{path}: the superblock checksum does not match; not touching the file")
+        if head[11] == 0:
+            return False
+        head[11] = 0
+        head[44:48] = _lookup3(bytes(head[:44])).to_bytes(4, "little")
+        fh.seek(0)
+        fh.write(head)
+    return True
+
+
 class _Part:
     """One HDF5 file of a scan (the main file or a derived stream's companion)."""
 
@@ -311,6 +378,8 @@ class NexusScanFile:
         self.skipped: set[str] = set()  # result names that came too late for the SWMR file
         self.broken = False  # a write failed: call recover() before writing again
         self.closed = False
+        self.resumed = False  # opened again after a writer was killed (see resume)
+        self.lost_rows: list[int] = []  # rows skipped over: lost with a killed writer
         self.declared = False
         self.motors: list[str] = []
         self.derived: dict[str, _Ragged] = {}
@@ -329,6 +398,83 @@ class NexusScanFile:
             self._discard()
             raise
         self._snapshot = self._state()
+
+    @classmethod
+    def resume(
+        cls,
+        path: str | os.PathLike,
+        start: m.Message,
+        *,
+        swmr: bool = True,
+        compression: str = "none",
+        save_raw: bool = True,
+        max_unflushed_bytes: int = 64 << 20,
+        space_margin: int | None = SPACE_MARGIN,
+    ) -> NexusScanFile:
+        """Carry on writing the file of ``start``'s scan that a killed writer left.
+
+        Rows on disk stay as they are; replayed rows already there are skipped by the
+        caller (:attr:`rows`); rows the killed writer had not flushed become gap rows
+        when a later row is written, so the file says exactly which frames it lacks.
+        Raises FileExistsError if the file belongs to another scan.
+        """
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.swmr = swmr
+        self.options = compression_options(compression)
+        self.compression = compression
+        self.save_raw = save_raw
+        self.max_unflushed_bytes = max_unflushed_bytes
+        self.space_margin = space_margin
+        self.scan = start.scan
+        self.stream = start.stream or "results"
+        self.start_meta = dict(start.meta)
+        self.version_base = int(start.meta.get("processing_version_base", 0) or 0)
+        self.skipped, self.broken, self.closed = set(), False, False
+        self.derived, self.motors = {}, []
+        self._log, self._log_bytes, self._last_flush = [], 0, time.monotonic()
+        self.resumed = True
+        self.lost_rows: list[int] = []
+        restore_end_of_file(self.path)
+        clear_write_flags(self.path)
+        self.main = _Part(self.path, create=False)
+        f = self.main.file
+        try:
+            scan_id = f["entry/scan_id"][()]
+            scan_id = scan_id.decode() if isinstance(scan_id, bytes) else str(scan_id)
+            uid = start.meta.get("scan_uid")
+            file_uid = f["entry/scan"].get("scan_uid")
+            file_uid = file_uid[()].decode() if file_uid is not None and isinstance(file_uid[()], bytes) else None
+            if scan_id != str(start.scan) or (uid and file_uid and file_uid != uid):
+                raise FileExistsError(f"{self.path} holds scan {scan_id}, not scan {start.scan}: not resumed")
+            self.data = f[f"entry/{self.stream}"]
+            self.row_sets, self._results = {}, {}
+            self.rows = min(ds.shape[0] for ds in self.data.values() if isinstance(ds, h5py.Dataset))
+            self.index = self._row_dataset(self.data, "index", np.dtype("int64"), ())
+            self.valid = self._row_dataset(self.data, "valid", np.dtype("bool"), ())
+            self.version = self._row_dataset(self.data, "processing_version", np.dtype("int32"), ())
+            for name, ds in self.data.items():
+                if isinstance(ds, h5py.Dataset) and name not in ("index", "valid", "processing_version"):
+                    self._results[name] = self._row_dataset(self.data, name, ds.dtype, ds.shape[1:])
+            self.declared = bool(self._results)
+            positions = f["entry/scan"].get("positions")
+            if positions is not None:
+                self.motors = [n for n in self._motor_names(start) if n.replace("/", "_") in positions]
+                for motor in self.motors:
+                    self._row_dataset(positions, motor.replace("/", "_"), np.dtype("float64"), ())
+            for ds in self.row_sets.values():
+                ds.resize(self.rows, axis=0)
+            self.written = int(np.count_nonzero(self.valid[:]))
+            self.gaps = [int(g) for g in f["entry/gaps"][:] if g < self.rows]
+            f["entry/gaps"].resize(len(self.gaps), axis=0)
+            f.flush()
+            if self.declared and swmr:
+                self.main.start_swmr()
+        except BaseException:
+            self.main.file.close()
+            raise
+        self._snapshot = self._state()
+        return self
 
     # -- structure -----------------------------------------------------------------------
     def _make_structure(self, pipeline: str, start: m.Message) -> None:
@@ -589,6 +735,15 @@ class NexusScanFile:
         for ds in self.row_sets.values():
             if ds.shape[0] < row + 1:
                 ds.resize(row + 1, axis=0)
+        if row > self.rows:  # rows never given to this file (lost with a killed writer): say so
+            skipped = list(range(self.rows, row))
+            self.index[self.rows : row] = skipped
+            self.valid[self.rows : row] = False
+            gaps = self.main.file["entry/gaps"]
+            gaps.resize(len(self.gaps) + len(skipped), axis=0)
+            gaps[len(self.gaps) :] = skipped
+            self.gaps += skipped
+            self.lost_rows += skipped
         self.index[row] = row
         if msg.kind == m.GAP:
             self.valid[row] = False
