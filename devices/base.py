@@ -21,6 +21,7 @@ from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property
 
 from pipelines.engine import Engine, Health
+from pipelines.security import curve_counters, use_curve
 
 HEALTH_TO_STATE = {
     Health.INIT: DevState.INIT,
@@ -89,6 +90,10 @@ class PipelineDevice(Device):
     BindAddress = device_property(
         dtype=str, default_value="127.0.0.1", doc="address the data sockets bind to; '*' for all interfaces"
     )
+    CurveKeys = device_property(
+        dtype=str, default_value="", doc="folder of the pipeline's CURVE keys (tangopipe keys FOLDER): data sockets "
+        "encrypted, only authorised keys connect (counter CurveRefused); empty: plain ZeroMQ; keys reread at Init"
+    )
 
     # -- counters every stage has --------------------------------------------------------
     FramesIn = counter("FramesIn", "frames", "frames (or results) received")
@@ -124,6 +129,7 @@ class PipelineDevice(Device):
             self.set_change_event(name, True, False)
             self.set_archive_event(name, True, False)
         try:
+            use_curve(self.CurveKeys)  # before any socket: transport makes them CURVE servers/clients
             self.engine = self.create_engine()
             self.engine.add_listener(self._on_engine_event)
             self.engine.start()
@@ -247,7 +253,7 @@ class PipelineDevice(Device):
             return {}
         now = time.monotonic()
         if now - self._counters_time > 0.1:
-            self._counters = self.engine.counters()
+            self._counters = {**self.engine.counters(), **curve_counters()}
             self._counters_time = now
         return self._counters
 

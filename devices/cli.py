@@ -33,7 +33,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 #: functions take the parsed arguments and return an exit code, raising
 #: DeploymentError or DefinitionError for the user's mistakes.
 COMMAND_MODULES: list[str] = ["devices.starter", "devices.dsconfig_json", "devices.sardana_cli", "devices.gui",
-                               "devices.reprocess_cli"]
+                               "devices.reprocess_cli", "devices.security_cli"]
 EXIT_CONFIG = 2
 
 
@@ -217,6 +217,13 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    session, _ = _session_and_definition(args.config)
+    started = deploy.restart(session, args.servers or None, timeout=args.timeout)
+    print("restarted: " + (", ".join(started) if started else "nothing (every server is running)"))
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     stopped = deploy.down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -271,6 +278,8 @@ def cmd_config_help(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     definition = load_definition(args.config)
+    for warning in definition.security_warnings():
+        print(f"tangopipe: warning: {warning}", file=sys.stderr)
     for spec in definition.devices():
         print(f"{spec.name:<28} {spec.cls:<16} {spec.server}")
     return 0
@@ -298,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("count", type=int, help="workers wanted")
     p.add_argument("--group", help="worker group (default: the first)")
     p.set_defaults(func=cmd_scale)
+    p = sub.add_parser("restart", help="start again servers of the pipeline that are not running (after a crash)")
+    p.add_argument("servers", nargs="*", help="servers to start, e.g. PipelineSorter/demo (default: every stopped one)")
+    p.add_argument("--config", help="pipeline definition (default: the one that is up)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait until ready (default 60)")
+    p.set_defaults(func=cmd_restart)
     p = sub.add_parser("down", help="stop the servers and the embedded database")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("demo", help="up + one scan + summary + down")

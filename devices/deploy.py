@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import tango
 
 from pipelines.definition import DeviceSpec, PipelineDefinition, load_definition
+from pipelines.security import write_token_file
 
 from .database import (
     DeploymentError,
@@ -157,17 +159,28 @@ def expected_links(definition: PipelineDefinition) -> dict[str, tuple[str, int]]
     return links
 
 
-def wait_ready(definition: PipelineDefinition, tango_host: str, timeout: float = 60.0, session: Session | None = None) -> None:
-    """Wait until every device is ON and the pipeline is wired; raise naming what is not."""
+def wait_ready(
+    definition: PipelineDefinition,
+    tango_host: str,
+    timeout: float = 60.0,
+    session: Session | None = None,
+    servers: list[str] | None = None,
+) -> None:
+    """Wait until every device (of ``servers``, default all) is ON and the pipeline is
+    wired; raise naming what is not. With ``servers``, ALARM counts as ready too (a
+    server restarted into a pipeline that is still recovering from its absence)."""
     deadline = time.monotonic() + timeout
     links = expected_links(definition)
+    ready = ("ON", "RUNNING", "ALARM") if servers else ("ON", "RUNNING")
     while True:
         problems = []
         for spec in definition.devices():
+            if servers and spec.server not in servers:
+                continue
             report = device_report(spec, tango_host)
             if report["state"] == "FAULT":
                 raise DeploymentError(f"{spec.name} is in FAULT: {report['status']}")
-            if report["state"] not in ("ON", "RUNNING"):
+            if report["state"] not in ready:
                 problems.append(f"{spec.name}: {report['state']} ({report['status']})")
                 if session is not None and spec.server in session.servers and not pid_alive(session.servers[spec.server]):
                     raise DeploymentError(f"server {spec.server} exited; see {log_file(spec.server)}")
@@ -183,9 +196,21 @@ def wait_ready(definition: PipelineDefinition, tango_host: str, timeout: float =
         time.sleep(0.3)
 
 
+def prepare_secrets(definition: PipelineDefinition) -> None:
+    """Say what the pipeline leaves open to other hosts; make the query token file if the
+    definition names one that does not exist yet (mode 600)."""
+    for warning in definition.security_warnings():
+        print(f"tangopipe: warning: {warning}", file=sys.stderr)
+    token_file = definition.security["query_token_file"]
+    if token_file and write_token_file(token_file):
+        print(f"tangopipe: made the query token file {token_file} (mode 600); clients read it: "
+              f"SinkClient(endpoint, token_file=...) or TANGOPIPE_QUERY_TOKEN_FILE", file=sys.stderr)
+
+
 def up(config: str, tango_host: str | None = None, timeout: float = 90.0) -> Session:
     """Register the pipeline, start a database if needed, start servers, wait until ready."""
     definition = load_definition(config)
+    prepare_secrets(definition)
     old = Session.load()
     if old is not None and old.alive():
         raise DeploymentError(
@@ -250,6 +275,38 @@ def scale(session: Session, group: str, count: int, timeout: float = 60.0) -> di
     if added:
         wait_ready(definition, session.tango_host, timeout, session)
     return {"added": added, "removed": removed}
+
+
+def restart(session: Session, servers: list[str] | None = None, timeout: float = 60.0) -> list[str]:
+    """Start again the servers of the pipeline that are not running (all, or those named:
+    ``PipelineSorter/demo`` or just ``demo`` when that is unambiguous); wait until ready.
+
+    The restarted devices find their peers again through the database, and their
+    peers find them: a killed server is back in the pipeline without touching the rest.
+    """
+    definition = session.definition()
+    wanted = list(session.servers) if not servers else [_server_named(session, name) for name in servers]
+    loopback = definition.bind.startswith("127.") or definition.bind == "localhost"
+    started = []
+    for server in wanted:
+        if pid_alive(session.servers[server]):
+            if servers:
+                raise DeploymentError(f"server {server} is running (PID {session.servers[server]}); nothing to restart")
+            continue
+        session.servers[server] = start_server(server, session.tango_host, loopback)
+        started.append(server)
+    session.save()
+    if started:
+        wait_ready(definition, session.tango_host, timeout, session, servers=started)
+    return started
+
+
+def _server_named(session: Session, name: str) -> str:
+    matches = [s for s in session.servers if s == name or s.split("/", 1)[1] == name or s.split("/", 1)[0] == name]
+    if len(matches) != 1:
+        known = ", ".join(session.servers)
+        raise DeploymentError(f"{'no' if not matches else 'more than one'} server matches {name!r}; servers: {known}")
+    return matches[0]
 
 
 def down(session: Session | None = None, grace: float = 5.0) -> list[str]:

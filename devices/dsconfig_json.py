@@ -355,6 +355,8 @@ def from_dsconfig(config: dict[str, Any], where: str = "<dsconfig>") -> tuple[di
         sink.text("BindAddress", bind)
         sink.used.update(SINK_DERIVED)
         data["sink"] = sink_out
+        if "QueryTokenFile" in sink.props:
+            data.setdefault("security", {})["query_token_file"] = sink.text("QueryTokenFile")
 
     writers: dict[str, Any] = {}
     for writer in by_class["PipelineWriter"]:
@@ -386,8 +388,14 @@ def from_dsconfig(config: dict[str, Any], where: str = "<dsconfig>") -> tuple[di
     if bridges:
         data["lavue_bridges"] = bridges
 
+    curve_keys = master.text("CurveKeys", "")  # one key folder for the whole pipeline
+    if curve_keys:
+        data.setdefault("security", {})["curve_keys"] = curve_keys
     for devices in by_class.values():
         for device in devices:
+            if device.text("CurveKeys", curve_keys) != curve_keys:
+                warnings.append(f"{device.name}: CurveKeys differs from the master's {curve_keys!r}; "
+                                "the definition has one key folder for all")
             warnings.extend(device.unused())
     data = _without_defaults(data)
     PipelineDefinition(data, where)  # everything a definition checks (steps, sources, groups)

@@ -15,6 +15,7 @@ from tango.server import attribute, command, device_property, run
 from pipelines import message as m
 from pipelines.engine import Engine
 from pipelines.query import answer
+from pipelines.security import read_token_file
 from pipelines.sink import SinkEngine
 
 from .base import PipelineDevice, counter, parse_json_property
@@ -39,6 +40,12 @@ class PipelineSink(PipelineDevice):
         dtype=str, default_value="", doc="1D result shown as LatestSpectrum (empty: the first 1D array result)"
     )
     QueryPort = device_property(dtype=int, default_value=0, doc="TCP port of the query port (0: any free port)")
+    QueryTokenFile = device_property(
+        dtype=str, default_value="",
+        doc="file (mode 600) holding the token every request to the query port must carry; empty: no token. "
+        "The token itself is never a property (any Tango client reads properties); the Tango commands "
+        "GetResult, GetSlice, GetMap are governed by Tango access control instead; reread at Init",
+    )
     ScanFileDirectory = device_property(
         dtype=str, default_value="", doc="folder of the NeXus writer's scan files: evicted results are read there"
     )
@@ -57,10 +64,20 @@ class PipelineSink(PipelineDevice):
     StoredBytes = counter("StoredBytes", "B", "bytes of results held in memory")
     Datasets = counter("Datasets", "", "datasets (scan, stream) held")
     Evictions = counter("Evictions", "", "datasets evicted to stay under MemoryLimit")
+    RefusedQueries = counter(
+        "RefusedQueries", "queries", "requests to the query port refused for a missing or wrong token (never answered)"
+    )
+    QueriesAnswered = counter("QueriesAnswered", "queries", "requests to the query port answered")
 
     engine: SinkEngine
 
     def create_engine(self) -> Engine:
+        token = ""
+        if self.QueryTokenFile:
+            try:
+                token = read_token_file(self.QueryTokenFile)
+            except ValueError as exc:
+                raise ValueError(f"property QueryTokenFile: {exc}") from None
         self._make_scalar_attributes()
         self.publisher = None
         self._last_image_event = 0.0
@@ -77,6 +94,7 @@ class PipelineSink(PipelineDevice):
             publisher=self.publisher,
             bind=self.BindAddress,
             query_port=self.QueryPort,
+            query_token=token,
         )
         if self.ScanFileDirectory:
             from pipelines.files import ScanFileIndex
@@ -97,7 +115,7 @@ class PipelineSink(PipelineDevice):
         self.engine.connect(endpoints[0])
 
     def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "StoredBytes", "Datasets", "Evictions", "LatestIndex"]
+        return [*super().event_attributes(), "StoredBytes", "Datasets", "Evictions", "LatestIndex", "RefusedQueries"]
 
     def extra_event_value(self, name: str) -> Any:
         if name == "LatestIndex":

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .security import SecurityError, check_key_folder, read_token_file
 from .sources import SOURCES
 from .steps import StepChain, StepConfigError, check_parameters
 
@@ -111,6 +112,13 @@ WRITER = {
     "by": (str, "", "cube: the scan variable to bin by (a scalar result, a motor of positions, a metadata key)"),
     "bins": (object, None, "cube: bin edges [e0, e1, ...] or {start, stop, count}"),
 }
+SECURITY = {
+    "query_token_file": (str, "", "file holding the token every query to the sink's query port must carry "
+                         "(mode 600; relative to this file's folder; tangopipe up makes it if missing); "
+                         "empty: no token"),
+    "curve_keys": (str, "", "folder of the pipeline's CURVE keys (tangopipe keys FOLDER; relative to this file's "
+                   "folder): data plane encrypted, only authorised keys connect; empty: plain ZeroMQ"),
+}
 TOP = {
     "name": (Name, REQUIRED, "pipeline name: the Tango domain of its devices (NAME/master/1, ...)"),
     "description": (str, "", "free text"),
@@ -121,6 +129,7 @@ TOP = {
     "sink": (dict, None, "the sink: " + ", ".join(SINK)),
     "writers": (dict, {}, "writers by name: " + ", ".join(WRITER)),
     "lavue_bridges": (dict, {}, "Lavue bridges by name (devices NAME/lavue/BRIDGE): " + ", ".join(LAVUE_BRIDGE)),
+    "security": (dict, {}, "who may connect: " + ", ".join(SECURITY)),
 }
 
 
@@ -296,6 +305,49 @@ class PipelineDefinition:
             raise DefinitionError(
                 f"{path}: sink.image_event_rate_hz: expected a number > 0, got {self.sink['image_event_rate_hz']!r}"
             )
+        self.security = self._check_security(_apply(SECURITY, top["security"], path, "security."))
+
+    def _check_security(self, security: dict[str, Any]) -> dict[str, Any]:
+        """Absolute paths; a token file that exists must be private and hold a long enough token
+        (a missing one is made by ``tangopipe up``); the key folder must hold the pipeline's keys."""
+        folder = Path(self.path).parent
+        for key in SECURITY:
+            if security[key]:
+                security[key] = str((folder / os.path.expanduser(security[key])).resolve())
+        token_file = security["query_token_file"]
+        if token_file and self.sink is None:
+            raise DefinitionError(f"{self.path}: security.query_token_file: the pipeline has no sink; remove the key")
+        checks = [("query_token_file", read_token_file)] if token_file and os.path.exists(token_file) else []
+        if security["curve_keys"]:
+            checks.append(("curve_keys", check_key_folder))
+        for key, check in checks:
+            try:
+                check(security[key])
+            except SecurityError as exc:
+                raise DefinitionError(f"{self.path}: security.{key}: {exc}") from None
+        return security
+
+    @property
+    def loopback(self) -> bool:
+        """True if the data sockets bind to this host's loopback only (no other host reaches them)."""
+        return self.bind.startswith("127.") or self.bind in ("localhost", "::1")
+
+    def security_warnings(self) -> list[str]:
+        """What is open to other hosts (for ``tangopipe up`` and ``check`` to say)."""
+        if self.loopback:
+            return []
+        warnings = []
+        if self.sink is not None and not self.security["query_token_file"]:
+            warnings.append(f"bind {self.bind!r}: the sink's query port answers anyone who reaches it; "
+                            "set security.query_token_file")
+        if not self.security["curve_keys"]:
+            warnings.append(f"bind {self.bind!r}: the data plane is not encrypted between hosts; "
+                            "set security.curve_keys (tangopipe keys FOLDER)")
+        return warnings
+
+    def security_properties(self) -> dict[str, Any]:
+        """Properties every device gets: the CURVE key folder (a path; the keys stay in their files)."""
+        return {"CurveKeys": self.security["curve_keys"]} if self.security["curve_keys"] else {}
 
     def _check_group(self, group: str, key: str) -> None:
         if group not in self.groups:
@@ -360,6 +412,7 @@ class PipelineDefinition:
                 "Steps": g["steps"],
                 "Credit": g["credit"],
                 "NumbaThreads": g["numba_threads"],
+                **self.security_properties(),
             },
             "worker",
         )
@@ -383,6 +436,7 @@ class PipelineDefinition:
                     "HeartbeatTimeout": m["heartbeat_timeout_s"],
                     "UseSharedMemory": m["shared_memory"],
                     "ShmSlots": m["shm_slots"],
+                    **self.security_properties(),
                 },
                 "master",
             )
@@ -402,6 +456,7 @@ class PipelineDefinition:
                         "OutboxCapacity": s["outbox_capacity"],
                         "BatchSize": s["batch_size"],
                         "BatchLatencyMs": s["batch_latency_ms"],
+                        **self.security_properties(),
                     },
                     "sorter",
                 )
@@ -424,6 +479,10 @@ class PipelineDefinition:
                         "SpectrumResult": self.sink["spectrum_result"],
                         "ImageEventRateHz": self.sink["image_event_rate_hz"],
                         **self.scan_file_properties(self.sink["group"]),
+                        **self.security_properties(),
+                        # the path only: the token stays in its file (every Tango client reads properties)
+                        **({"QueryTokenFile": self.security["query_token_file"]}
+                           if self.security["query_token_file"] else {}),
                     },
                     "sink",
                 )
@@ -449,6 +508,7 @@ class PipelineDefinition:
                         "PlotEvery": w["every"],
                         "CubeBy": w["by"],
                         "CubeBins": w["bins"] or [],
+                        **self.security_properties(),
                     },
                     "writer",
                 )
@@ -465,6 +525,7 @@ class PipelineDefinition:
                         "Port": b["port"],
                         "MaxRateHz": b["max_rate_hz"],
                         "Topics": b["topics"],
+                        **self.security_properties(),
                     },
                     "lavue",
                 )
@@ -500,6 +561,7 @@ def schema_reference() -> str:
         ("sink.lavue", LAVUE),
         ("writers.NAME", WRITER),
         ("lavue_bridges.NAME", LAVUE_BRIDGE),
+        ("security", SECURITY),
     ):
         lines.append(f"{title}:")
         for key, (kind, default, doc) in schema.items():

@@ -40,12 +40,14 @@ class SinkEngine(ConsumerEngine):
         credit: int = 16,
         bind: str = "127.0.0.1",
         query_port: int = 0,
+        query_token: str = "",
         context: zmq.Context | None = None,
     ):
         super().__init__(name, credit=credit, context=context)
         self.store = SinkStore(memory_limit)
         self.queries = StoreQueries(self.store)
         self.bind, self.query_port = bind, query_port
+        self.query_token = query_token  # queries must carry it (empty: no token needed)
         self.query_server: QueryServer | None = None
         self.endpoint = ""
         self.publisher = publisher
@@ -54,7 +56,7 @@ class SinkEngine(ConsumerEngine):
         self.scan_meta: dict[str, Any] = {}
 
     def setup(self) -> None:
-        self.query_server = QueryServer(self.context, self.queries, self.bind, self.query_port)
+        self.query_server = QueryServer(self.context, self.queries, self.bind, self.query_port, self.query_token, self.log)
         self.endpoint = self.query_server.endpoint
 
     def extra_sockets(self) -> list[zmq.Socket]:
@@ -118,5 +120,6 @@ class SinkEngine(ConsumerEngine):
             Datasets=len(self.store.datasets),
             Evictions=self.store.evictions,
             QueriesAnswered=self.query_server.answered if self.query_server else 0,
+            RefusedQueries=self.query_server.refused if self.query_server else 0,
         )
         return c

@@ -5,6 +5,10 @@ DEALER to the sending side's ROUTER, says HELLO with how many messages it can
 hold, and grants one credit back for each message it has finished with. The
 sender only sends to peers with credit, so a slow peer is never flooded and a
 dead one holds at most its credit.
+
+Security is applied here and nowhere else: on a context with CURVE keys
+(:func:`pipelines.security.use_curve`), :func:`bind_socket` makes CURVE servers
+and :func:`connect_socket` CURVE clients, so the engines need not know.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import zmq
 
 from .message import BadMessage, Message, decode, decode_many, encode, encode_batch
+from .security import CurveKeys, curve_of
 
 
 def advertised_host(bind: str) -> str:
@@ -29,9 +34,15 @@ def advertised_host(bind: str) -> str:
 
 
 def bind_socket(context: zmq.Context, kind: int, bind: str = "127.0.0.1", port: int = 0) -> tuple[zmq.Socket, str]:
-    """Bind a new socket on ``tcp://bind:port`` (0: a free port); return it and its public endpoint."""
+    """Bind a new socket on ``tcp://bind:port`` (0: a free port); return it and its public endpoint.
+
+    With CURVE keys on ``context`` the socket is a CURVE server (only authorised clients get in).
+    """
     sock = context.socket(kind)
     sock.linger = 0
+    keys = curve_of(context)
+    if keys is not None:
+        keys.make_server(sock)
     address = "*" if bind in ("", "0.0.0.0") else bind
     try:
         if port:
@@ -42,6 +53,14 @@ def bind_socket(context: zmq.Context, kind: int, bind: str = "127.0.0.1", port: 
         sock.close()
         raise OSError(f"cannot bind tcp://{address}:{port or '*'}: {exc}; choose another port or address") from exc
     return sock, f"tcp://{advertised_host(bind)}:{port}"
+
+
+def connect_socket(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None = None) -> None:
+    """Connect ``sock`` to ``endpoint``; a CURVE client with ``keys``, or with its context's keys if any."""
+    keys = keys or curve_of(sock.context)
+    if keys is not None:
+        keys.make_client(sock)
+    sock.connect(endpoint)
 
 
 def send(sock: zmq.Socket, msg: Message | list[Message], identity: bytes | None = None, flags: int = 0) -> None:
@@ -148,7 +167,7 @@ class UpstreamLink:
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.routing_id = new_identity(self.name)
-        self.sock.connect(endpoint)
+        connect_socket(self.sock, endpoint)
         self.endpoint = endpoint
         self.hello(outstanding)
 

@@ -32,7 +32,7 @@ from . import message as m
 from . import shm
 from .engine import Engine, Health
 from .steps import StepChain
-from .transport import UpstreamLink, drain, key_of, new_identity, send
+from .transport import UpstreamLink, connect_socket, drain, key_of, new_identity, send
 
 
 def split_results(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -153,7 +153,7 @@ class WorkerEngine(Engine):
         self._push.linger = 0
         self._push.sndhwm = 8
         self._push.routing_id = new_identity(self.name)
-        self._push.connect(sorter_ep)
+        connect_socket(self._push, sorter_ep)  # CURVE client when the pipeline has keys
         for key, (msg, done_key, _) in list(self._unconfirmed.items()):  # a new sorter: send again
             self._unconfirmed[key] = (msg, done_key, 0.0)
         self.link.connect(master_ep, outstanding=self._busy)

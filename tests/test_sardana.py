@@ -133,13 +133,25 @@ class Beamline:
                     final = ["finish" if door_state == tango.DevState.ON else "exception"]
                     break
             if time.monotonic() > deadline:
-                raise AssertionError(f"macro {macro} still running after {timeout} s")
+                raise AssertionError(f"macro {macro} still running after {timeout} s\n{self.diagnosis()}")
             time.sleep(0.05)
         logs = {
             level: list(self.door.read_attribute(level).value or ())
             for level in ("Output", "Warning", "Error")
         }
         return {"state": final[-1], **logs}
+
+    def diagnosis(self) -> str:
+        """What the Door and Sardana say, for a macro that does not end."""
+        lines = [f"Door state {self._door_state()}; MacroStatus events: {self.statuses[-5:]}"]
+        for level in ("Output", "Warning", "Error", "Debug"):
+            try:
+                lines.append(f"Door {level}: {list(self.door.read_attribute(level).value or ())[-10:]}")
+            except tango.DevFailed as exc:
+                lines.append(f"Door {level}: unreadable ({exc.args[0].desc.strip()[:100] if exc.args else exc})")
+        log = self.folder / "sardana.log"
+        tail = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else []
+        return "\n".join(lines + ["sardana.log (last lines):", *tail])
 
     def _door_state(self):
         """The Door's state, or None while it is too busy to answer."""
