@@ -64,6 +64,12 @@ class PipelineSink(PipelineDevice):
     StoredBytes = counter("StoredBytes", "B", "bytes of results held in memory")
     Datasets = counter("Datasets", "", "datasets (scan, stream) held")
     Evictions = counter("Evictions", "", "datasets evicted to stay under MemoryLimit")
+    ThinnedResults = counter(
+        "ThinnedResults", "results", "results of the scan being written whose arrays were let go (MemoryLimit); in the files"
+    )
+    TrimmedResults = counter(
+        "TrimmedResults", "results", "results of the scan being written let go altogether (MemoryLimit); in the files"
+    )
     RefusedQueries = counter(
         "RefusedQueries", "queries", "requests to the query port refused for a missing or wrong token (never answered)"
     )

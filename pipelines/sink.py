@@ -119,6 +119,8 @@ class SinkEngine(ConsumerEngine):
             MemoryLimit=self.store.memory_limit,
             Datasets=len(self.store.datasets),
             Evictions=self.store.evictions,
+            ThinnedResults=self.store.thinned,
+            TrimmedResults=self.store.trimmed,
             QueriesAnswered=self.query_server.answered if self.query_server else 0,
             RefusedQueries=self.query_server.refused if self.query_server else 0,
         )

@@ -1,13 +1,16 @@
 """The sink's in-memory store: results per (scan, stream), bounded in bytes.
 
 When the store is over its memory limit the least recently touched dataset is
-evicted (and counted); the dataset being written is never the one evicted, so
-memory stays under the limit plus one dataset.
+evicted (and counted). The dataset being written is never the one evicted: when
+it alone is over the limit (a long scan of images), its oldest results let go of
+their arrays (``ThinnedResults``), then, if still over, its oldest results go
+(``TrimmedResults``); they are in the files, where queries find them. So memory
+stays under the limit whatever the scan's length.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +30,8 @@ class Dataset:
     gaps: set[int] = field(default_factory=set)
     nbytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    arrival: deque = field(default_factory=deque)  # indices in the order they came (to trim)
+    heavy: deque = field(default_factory=deque)  # indices whose arrays are still held (to thin)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,8 @@ class SinkStore:
         self.nbytes = 0
         self.evicted: list[tuple] = []
         self.evictions = 0
+        self.thinned = 0  # results whose arrays were let go (the dataset being written was over the limit)
+        self.trimmed = 0  # results let go altogether, for the same reason
         self.places: OrderedDict[Any, dict[str, Any]] = OrderedDict()
 
     def _touch(self, scan: int | str, stream: str) -> Dataset:
@@ -86,6 +93,10 @@ class SinkStore:
         old = ds.records.get(msg.index)
         if old is not None:
             cost -= message_cost(old)
+        if old is None:
+            ds.arrival.append(msg.index)
+        if msg.arrays:
+            ds.heavy.append(msg.index)
         ds.records[msg.index] = msg
         ds.nbytes += cost
         self.nbytes += cost
@@ -102,6 +113,31 @@ class SinkStore:
             self.nbytes -= ds.nbytes
             self.evictions += 1
             self.evicted.append(key)
+        if self.nbytes > self.memory_limit and keep in self.datasets:
+            self._thin(self.datasets[keep])
+
+    def _thin(self, ds: Dataset) -> None:
+        """The dataset being written is alone over the limit: its oldest results let go of
+        their arrays, then (scalars only left) the oldest results go; see the module docstring."""
+        while self.nbytes > self.memory_limit and len(ds.heavy) > 1:  # the newest keeps its arrays
+            index = ds.heavy.popleft()
+            msg = ds.records.get(index)
+            if msg is None or not msg.arrays:
+                continue
+            light = m.Message(msg.kind, scan=msg.scan, index=msg.index, stream=msg.stream, scalars=msg.scalars,
+                              meta=msg.meta, times=msg.times, version=msg.version, body={"thinned": True})  # fmt: skip
+            saved = message_cost(msg) - message_cost(light)
+            ds.records[index] = light
+            ds.nbytes -= saved
+            self.nbytes -= saved
+            self.thinned += 1
+        while self.nbytes > self.memory_limit and len(ds.arrival) > 1:
+            msg = ds.records.pop(ds.arrival.popleft(), None)
+            if msg is not None:
+                cost = message_cost(msg)
+                ds.nbytes -= cost
+                self.nbytes -= cost
+                self.trimmed += 1
 
     def get(self, scan: int | str, stream: str, index: int) -> m.Message | None:
         ds = self.datasets.get((scan, stream))
@@ -150,10 +186,18 @@ class StoreQueries:
                 raise KeyError(f"no dataset for scan {scan!r} stream {stream!r} in memory; {exc.args[0]}") from None
         ds = self.dataset(scan, stream)
         msg = ds.records.get(index)
-        if msg is None:
-            what = "a gap (no result)" if index in ds.gaps else "not received"
-            raise KeyError(f"scan {scan!r} stream {stream!r} index {index}: {what}")
-        return msg
+        if msg is not None and not msg.body.get("thinned"):
+            return msg
+        if index not in ds.gaps and self.files is not None:  # let go of under the memory limit: the file has it
+            try:
+                return self.files.read(scan, stream, index, self.store.places.get(scan))
+            except KeyError:
+                pass
+        if msg is not None:
+            raise KeyError(f"scan {scan!r} stream {stream!r} index {index}: its arrays were let go (MemoryLimit); "
+                           "read them from the scan's file")  # fmt: skip
+        what = "a gap (no result)" if index in ds.gaps else "not received (or let go under MemoryLimit)"
+        raise KeyError(f"scan {scan!r} stream {stream!r} index {index}: {what}")
 
     def slice(self, scan: Any, stream: str, name: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Result ``name`` for indices in [start, stop) that have it: (indices, stacked values)."""

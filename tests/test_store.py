@@ -1,9 +1,10 @@
 """SinkStore: least-recently-touched eviction and the memory bound."""
 
 import numpy as np
+import pytest
 
 from pipelines import message as m
-from pipelines.store import SinkStore, message_cost
+from pipelines.store import SinkStore, StoreQueries, message_cost
 
 
 def result(scan, index, stream="main", kb=100):
@@ -55,3 +56,26 @@ def test_stored_arrays_do_not_pin_received_buffers():
     store = SinkStore()
     store.add(msg)
     assert not np.shares_memory(store.get(1, "s", 0).arrays["a"], np.frombuffer(raw, np.float32))
+
+
+def test_a_long_scan_alone_over_the_limit_stays_under_it():
+    """The dataset being written is never evicted; a scan longer than the memory lets go
+    of its oldest arrays, then of its oldest results, and says so in its counters."""
+    frame = np.zeros(1024, dtype=np.float64)  # 8 KiB a result
+    store = SinkStore(memory_limit=100 * 8192)
+    queries = StoreQueries(store)
+    for i in range(1000):
+        store.add(m.Message(m.RESULT, scan=1, index=i, stream="main", arrays={"profile": frame + i},
+                            scalars={"total": float(i)}))  # fmt: skip
+        assert store.nbytes <= store.memory_limit
+    assert store.thinned > 800 and store.trimmed == 0
+    assert queries.get(1, "main", 999).arrays["profile"][0] == 999
+    with pytest.raises(KeyError, match="let go"):
+        queries.get(1, "main", 0)
+    indices, totals = queries.slice(1, "main", "total")
+    assert list(indices) == list(range(1000)) and totals[0] == 0.0  # the scalars stay
+    store.memory_limit = 50_000  # now the scalars alone are too many: the oldest results go
+    store.add(m.Message(m.RESULT, scan=1, index=1000, stream="main", scalars={"total": 1000.0}))
+    assert store.nbytes <= store.memory_limit and store.trimmed > 0
+    indices, _ = queries.slice(1, "main", "total")
+    assert indices[-1] == 1000 and indices[0] == store.trimmed

@@ -215,7 +215,8 @@ def test_camera_stopped_mid_scan_is_counted_reported_and_the_scan_can_be_ended()
         finally:
             context.stop()
         wait_for(lambda: source.stats()["device_lost"] == 1, timeout=60, what="the outage to be counted")
-        assert "does not answer" in source.last_error and "simulatedcamera" in source.last_error
+        error = source.last_error  # which check sees the outage first depends on timing
+        assert ("does not answer" in error or "cannot be reached" in error) and "simulatedcamera" in error
         assert consumer.is_alive()  # the scan waits for the camera to come back
         source.stop()
         consumer.join(30)
