@@ -48,9 +48,9 @@ def pipeline(tmp_path_factory):
     try:
         yield deployed
     finally:
+        started = json.loads((deployed.state / "session.json").read_text())  # with the restarted servers
         deployed.down()
-        session = json.loads((deployed.state / "session.json").read_text()) if (deployed.state / "session.json").exists() else deployed.session
-        pids = [session["db_pid"], *session["servers"].values()]
+        pids = [started["db_pid"], *started["servers"].values()]
         deadline = time.monotonic() + 10
         while pids_alive(pids) and time.monotonic() < deadline:
             time.sleep(0.1)
