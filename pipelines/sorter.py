@@ -362,7 +362,8 @@ class SorterEngine(Engine):
         """Keep ``msg`` for a consumer that is away: results as gap records naming the loss."""
         if msg.kind == m.RESULT:
             assert msg.index is not None
-            reason = f"not delivered: consumer {away.name} was away (killed or restarting) since {away.since:.0f}"
+            went = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - away.since)))
+            reason = f"not delivered: consumer {away.name} was away (killed or restarting) since {went}"
             msg = m.Message(m.GAP, scan=msg.scan, index=msg.index, stream=msg.stream, body={"reason": reason, "by": "sorter"})
             self._count_loss(away.name, msg.scan, msg.index)
             away.lost += 1
