@@ -223,7 +223,7 @@ def up(config: str, tango_host: str | None = None, timeout: float = 90.0) -> Ses
     session.save()
     try:
         register(database(tango_host), definition)
-        loopback = definition.bind.startswith("127.") or definition.bind == "localhost"
+        loopback = definition.loopback
         for server in dict.fromkeys(s.server for s in definition.devices()):
             session.servers[server] = start_server(server, tango_host, loopback)
             session.save()
@@ -248,7 +248,7 @@ def scale(session: Session, group: str, count: int, timeout: float = 60.0) -> di
         raise DeploymentError(f"worker count must be >= 0, got {count}")
     current = definition.groups[group]["workers"]
     db = database(session.tango_host)
-    loopback = definition.bind.startswith("127.") or definition.bind == "localhost"
+    loopback = definition.loopback
     added, removed = [], []
     for n in range(current + 1, count + 1):
         spec = definition.worker_spec(group, n)
@@ -286,7 +286,7 @@ def restart(session: Session, servers: list[str] | None = None, timeout: float =
     """
     definition = session.definition()
     wanted = list(session.servers) if not servers else [_server_named(session, name) for name in servers]
-    loopback = definition.bind.startswith("127.") or definition.bind == "localhost"
+    loopback = definition.loopback
     started = []
     for server in wanted:
         if pid_alive(session.servers[server]):
