@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import tango
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property
@@ -74,6 +75,16 @@ COMMON_COUNTERS = (
 )
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Equal for pushing purposes: NaN equals NaN, arrays compare element by element."""
+    if a is None or b is None:
+        return a is b
+    try:
+        return bool(np.array_equal(a, b, equal_nan=True))
+    except TypeError:  # strings and other non-numeric values
+        return bool(np.array_equal(a, b))
+
+
 def parse_json_property(name: str, text: str, default: Any) -> Any:
     """A JSON-valued property; the error names the property and the bad text."""
     if not text.strip():
@@ -125,9 +136,6 @@ class PipelineDevice(Device):
         self._stop_monitor = threading.Event()
         self.set_state(DevState.INIT)
         self.set_status("Initialising")
-        for name in ("State", "Status", *self.event_attributes()):
-            self.set_change_event(name, True, False)
-            self.set_archive_event(name, True, False)
         try:
             use_curve(self.CurveKeys)  # before any socket: transport makes them CURVE servers/clients
             self.engine = self.create_engine()
@@ -137,6 +145,11 @@ class PipelineDevice(Device):
             self._config_error = f"{exc}. Fix the device properties (Jive) and run Init."
             self.error_stream(self._config_error)
             self.log.error("%s: %s", self.get_name(), self._config_error)
+        # after create_engine: it may add attributes (the sink's scalar results)
+        self._event_names = self.event_attributes()
+        for name in ("State", "Status", *self._event_names):
+            self.set_change_event(name, True, False)
+            self.set_archive_event(name, True, False)
         self._monitor = threading.Thread(target=self._monitor_loop, name="monitor", daemon=True)
         self._monitor.start()
 
@@ -152,9 +165,20 @@ class PipelineDevice(Device):
     def create_engine(self) -> Engine:
         raise NotImplementedError
 
+    #: attributes the device pushes itself (the sink's images, at their own rate)
+    PUSHED_BY_DEVICE: tuple[str, ...] = ()
+
     def event_attributes(self) -> list[str]:
-        """Attributes pushed as change/archive events by the monitor thread."""
-        return list(COMMON_COUNTERS)
+        """Every attribute but State, Status and PUSHED_BY_DEVICE: the monitor thread
+        pushes each as a change and archive event when its value changes.
+
+        So Taurus and Sardana subscribe instead of polling, and no client keeps a failing
+        subscription that its keep-alive thread retries every 10 s (a retry calling back
+        into Python while another thread destroys a proxy can deadlock a pytango client).
+        """
+        skip = {"State", "Status", *self.PUSHED_BY_DEVICE}
+        names = [a.get_name() for a in self.get_device_attr().get_attribute_list()]
+        return [name for name in names if name not in skip]
 
     # -- state ---------------------------------------------------------------------------
     def dev_state(self) -> DevState:
@@ -260,11 +284,13 @@ class PipelineDevice(Device):
     def _push_events(self) -> None:
         self._push_state()
         values = self.counter_values()
-        for name in self.event_attributes():
+        for name in self._event_names:
             value = values.get(name, None)
             if value is None:
                 value = self.extra_event_value(name)
-            if value is None or self._pushed.get(name) == value:
+            if value is None:
+                value = self._attribute_value(name)
+            if value is None or same_value(self._pushed.get(name), value):
                 continue
             self._pushed[name] = value
             try:
@@ -289,8 +315,18 @@ class PipelineDevice(Device):
             pass
 
     def extra_event_value(self, name: str) -> Any:
-        """Value of a pushed attribute that is not an engine counter."""
+        """Value of a pushed attribute that is neither an engine counter nor a class attribute."""
         return None
+
+    def _attribute_value(self, name: str) -> Any:
+        """What the read method of class attribute ``name`` returns (None if it fails)."""
+        declared = getattr(type(self), name, None)
+        if not isinstance(declared, attribute) or declared.fget is None:
+            return None
+        try:
+            return declared.fget(self)
+        except Exception:  # a read failing now fails for the client too; nothing to push
+            return None
 
     # -- attributes every device has -----------------------------------------------------
     @attribute(dtype=str, doc="where peers connect to take this device's data (ZeroMQ endpoint)")

@@ -102,9 +102,6 @@ class LavueBridge(PipelineDevice):
         return endpoint
 
     # -- events --------------------------------------------------------------------------
-    def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "Published", "Skipped", "PublishedRateHz", "PublishRateHz",
-                "Topics", "Address"]  # fmt: skip
 
     def extra_event_value(self, name: str) -> Any:
         if self.engine is None:

@@ -95,8 +95,6 @@ class PipelineMaster(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.source.connect(endpoints[0])  # reconnects only when the endpoint changed
 
-    def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "Workers", "Redispatched", "ScanFrames"]
 
     @attribute(dtype=(str,), max_dim_x=1024, doc="names of the connected workers")
     def WorkerNames(self) -> list[str]:

@@ -76,6 +76,7 @@ class PipelineSink(PipelineDevice):
     QueriesAnswered = counter("QueriesAnswered", "queries", "requests to the query port answered")
 
     engine: SinkEngine
+    PUSHED_BY_DEVICE = ("LatestImage", "LatestScalars", "LatestSpectrum")  # at ImageEventRateHz
 
     def create_engine(self) -> Engine:
         token = ""
@@ -120,12 +121,13 @@ class PipelineSink(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.connect(endpoints[0])
 
-    def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "StoredBytes", "Datasets", "Evictions", "LatestIndex", "RefusedQueries"]
 
     def extra_event_value(self, name: str) -> Any:
         if name == "LatestIndex":
             return self.latest_index()
+        scalars = getattr(self, "scalar_attributes", {})
+        if name in scalars:
+            return self.latest_scalar(scalars[name])
         return None
 
     def _push_events(self) -> None:

@@ -53,8 +53,6 @@ class PipelineSorter(PipelineDevice):
             batch_latency_ms=self.BatchLatencyMs,
         )
 
-    def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "MissingFrames", "Duplicates", "Backlog", "Consumers", "LostForConsumers"]
 
     @attribute(dtype=str, doc="where workers push their results (ZeroMQ endpoint)")
     def CollectEndpoint(self) -> str:

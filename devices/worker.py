@@ -51,8 +51,6 @@ class PipelineWorker(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.connect(endpoints[0], endpoints[1])
 
-    def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "ProcessingErrors", "ConfigVersion"]
 
     @attribute(dtype=str, doc="the step chain in use, JSON")
     def StepChain(self) -> str:

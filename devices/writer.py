@@ -121,8 +121,6 @@ class PipelineWriter(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.connect(endpoints[0])
 
-    def event_attributes(self) -> list[str]:
-        return [*super().event_attributes(), "FramesWritten", "ScansDone", "HeldMessages"]
 
     @attribute(dtype=str, doc="path of the file being written, or the last one")
     def LastFile(self) -> str:

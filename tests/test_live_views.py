@@ -73,6 +73,7 @@ def pipeline_config(folder: Path) -> Path:
             "lavue": {"port": 0},
             "spectrum_result": "intensity",
             "image_event_rate_hz": SPECTRUM_EVENT_HZ,
+            "scalar_attributes": ["total"],
         },
         "lavue_bridges": {
             "live": {"group": "main"},
@@ -380,6 +381,35 @@ def test_sink_image_and_spectrum_events_come_no_faster_than_configured(live):
         assert 2 <= count <= SPECTRUM_EVENT_HZ * (t1 - t0) + 1, (name, count)
     assert last["LatestSpectrum"].shape == (40,) and np.all(np.isfinite(last["LatestSpectrum"]))
     assert last["LatestImage"].shape == tuple(SHAPE)
+
+
+def test_every_attribute_sends_change_events_and_a_scalar_column_follows_the_results(live):
+    """Clients (Taurus, Sardana) subscribe to any attribute: none is left to a client's
+    keep-alive thread retrying every 10 s, which can deadlock a pytango client."""
+    refused = []
+    for spec in load_definition(live.config).devices():
+        dev = live.proxy(spec.name)
+        for name in dev.get_attribute_list():
+            try:
+                dev.unsubscribe_event(dev.subscribe_event(name, tango.EventType.CHANGE_EVENT, lambda e: None))
+            except tango.DevFailed as exc:
+                refused.append(f"{spec.name}/{name}: {exc.args[0].reason}")
+    assert not refused
+
+    sink = live.proxy("views/sink/1")
+    values: list[float] = []
+    event_id = sink.subscribe_event(
+        "total", tango.EventType.CHANGE_EVENT, lambda e: None if e.err else values.append(e.attr_value.value)
+    )
+    try:
+        Scan(live, 20).finish()
+        newest = json.loads(sink.LatestScalars)
+        expected = source_frame(live, newest["index"]).sum(dtype=float)
+        assert newest["total"] == pytest.approx(expected)
+        wait_for(lambda: values and values[-1] == newest["total"], what="the newest total as an event")
+    finally:
+        sink.unsubscribe_event(event_id)
+    assert len(values) >= 2  # the value at subscription, then the scan's
 
 
 # -- Taurus GUI ----------------------------------------------------------------------------
