@@ -124,6 +124,7 @@ class WorkerEngine(Engine):
         self.processing_errors = 0
         self.last_error = ""
         self._last_result = 0.0
+        self._status_scan: int | None = None  # the scan the RUNNING status names
 
     # -- control -------------------------------------------------------------------------
     def connect(self, master_endpoint: str, sorter_endpoint: str) -> None:
@@ -358,7 +359,8 @@ class WorkerEngine(Engine):
             version=version,
         )
         self._last_result = time.monotonic()
-        if self.health is Health.ON:
+        if self.health is Health.ON or self.health is Health.RUNNING and msg.scan != self._status_scan:
+            self._status_scan = msg.scan  # a new scan while running: say so
             self.set_health(Health.RUNNING, f"Processing scan {msg.scan}")
         return result.stamp(self.name)
 

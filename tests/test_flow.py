@@ -8,6 +8,7 @@ import pytest
 import zmq
 
 from pipelines import message as m
+from pipelines.engine import Health
 from pipelines.master import MasterEngine
 from pipelines.sink import SinkEngine
 from pipelines.sorter import SorterEngine
@@ -88,6 +89,18 @@ def test_every_frame_processed_once_in_order_and_written(pipeline):
     latest = pipeline.sink.latest("main")
     assert latest.index == 119
     assert latest.scalars["corner_sum"] == step(pipeline.source.frame(119), {})["corner_sum"]
+
+
+def test_a_running_worker_says_which_scan_it_processes(pipeline):
+    pipeline.scan(20)
+    first = pipeline.master.scan_id
+    # straight after: the workers are still RUNNING (idle only 2 s after their last result)
+    assert all(w.health is Health.RUNNING for w in pipeline.workers)
+    second = pipeline.master.start_scan({"frames": 40})
+    assert second != first
+    wait_for(lambda: all(w.status == f"Processing scan {second}" for w in pipeline.workers), what="status")
+    wait_for(lambda: not pipeline.master.acquiring, what="acquisition")
+    pipeline.master.end_scan()
 
 
 def _raw_socket(kind, endpoint):
