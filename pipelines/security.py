@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 from zmq.auth import create_certificates, load_certificate, load_certificates
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 TOKEN_ENV = "TANGOPIPE_QUERY_TOKEN"
 TOKEN_FILE_ENV = "TANGOPIPE_QUERY_TOKEN_FILE"
@@ -41,6 +42,8 @@ MIN_TOKEN_CHARS = 16
 PIPELINE_KEY = "pipeline"  # FOLDER/pipeline.key, FOLDER/pipeline.key_secret
 AUTHORIZED = "authorized"  # FOLDER/authorized/*.key: further clients let in
 CLIENTS = "clients"  # FOLDER/clients/NAME.key(_secret): client pairs made by `tangopipe keys --client`
+
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL  # not AUTH: ZAP counts it
 
 log = logging.getLogger("tangopipe.security")
 
@@ -281,6 +284,56 @@ class CurveGuard:
         self.authenticator = ThreadAuthenticator(context, log=logging.getLogger("tangopipe.security.zap"))
         self.authenticator.configure_curve_callback("*", self)
         self.authenticator.start()
+        self._new_monitors: list[tuple[zmq.Socket, str]] = []
+        self._monitor_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def watch(self, sock: zmq.Socket, where: str) -> None:
+        """Count the clients that fail the handshake on server socket ``sock`` (at ``where``).
+
+        ZAP hears only from clients that speak CURVE; one without CURVE (plain ZeroMQ) or
+        with a wrong server key fails earlier, seen only by a socket monitor. Call in the
+        thread that owns ``sock``; the monitor is read in this guard's own thread.
+        """
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_MONITOR_STOPPED)
+        with self._monitor_lock:
+            self._new_monitors.append((monitor, where))
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch_loop, name="curve-watch", daemon=True)
+                self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        poller = zmq.Poller()
+        watched: dict[zmq.Socket, str] = {}
+        while not self._stopping.is_set():
+            with self._monitor_lock:
+                new, self._new_monitors = self._new_monitors, []
+            for monitor, where in new:
+                poller.register(monitor, zmq.POLLIN)
+                watched[monitor] = where
+            for monitor, _ in poller.poll(200):
+                event = recv_monitor_message(monitor)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:  # the socket was closed
+                    poller.unregister(monitor)
+                    monitor.close(0)
+                    del watched[monitor]
+                elif event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                    self.refusals.record(
+                        "not_curve",
+                        f"a client without CURVE tried {watched[monitor]}: this pipeline's data sockets "
+                        f"are encrypted; give the client keys (tangopipe keys {self.folder} --client NAME)",
+                    )
+                else:
+                    self.refusals.record(
+                        "handshake_failed",
+                        f"a client failed the CURVE handshake on {watched[monitor]} (a wrong server key?): "
+                        f"it needs {self.folder / (PIPELINE_KEY + '.key')} as the server key",
+                    )
+        with self._monitor_lock:
+            new, self._new_monitors = self._new_monitors, []
+        for monitor in [*watched, *(mon for mon, _ in new)]:
+            monitor.close(0)
 
     def reload(self) -> None:
         """Read the authorised public keys again (removing a key takes effect here)."""
@@ -317,6 +370,9 @@ class CurveGuard:
         return False
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(2.0)
         self.authenticator.stop()
 
 
@@ -352,6 +408,11 @@ def use_curve(
             guard.folder, guard.keys = folder, load_keys(folder)
             guard.reload()
         return guard
+
+
+def curve_guard(context: zmq.Context) -> CurveGuard | None:
+    """The guard of a context using CURVE (None: plain ZeroMQ)."""
+    return _GUARDS.get(context)
 
 
 def curve_of(context: zmq.Context) -> CurveKeys | None:

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from .message import BadMessage, Message, decode, decode_many, encode, encode_batch
-from .security import CurveKeys, curve_of
+from .security import CurveKeys, curve_guard, curve_of
 
 
 def advertised_host(bind: str) -> str:
@@ -40,9 +40,9 @@ def bind_socket(context: zmq.Context, kind: int, bind: str = "127.0.0.1", port: 
     """
     sock = context.socket(kind)
     sock.linger = 0
-    keys = curve_of(context)
-    if keys is not None:
-        keys.make_server(sock)
+    guard = curve_guard(context)
+    if guard is not None:
+        guard.keys.make_server(sock)
     address = "*" if bind in ("", "0.0.0.0") else bind
     try:
         if port:
@@ -52,6 +52,8 @@ def bind_socket(context: zmq.Context, kind: int, bind: str = "127.0.0.1", port: 
     except zmq.ZMQError as exc:
         sock.close()
         raise OSError(f"cannot bind tcp://{address}:{port or '*'}: {exc}; choose another port or address") from exc
+    if guard is not None:
+        guard.watch(sock, f"tcp://{address}:{port}")  # counts clients failing the handshake
     return sock, f"tcp://{advertised_host(bind)}:{port}"
 
 

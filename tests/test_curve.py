@@ -145,7 +145,11 @@ def test_encrypted_scan_loses_nothing_and_strangers_get_nothing(pipeline, keys, 
             link.endpoint = endpoint
             link.hello()
             snoops.append(link)
-        wait_for(lambda: curve_counters(pipeline.context).get("CurveRefused", 0) >= 2, what="strangers refused")
+        refusals = pipeline.guard.refusals
+        wait_for(lambda: refusals.by_reason.get("unauthorised_key", 0) >= 2, what="strangers refused")
+        # ... and the clients without CURVE, which never reach ZAP: counted from the sockets' handshakes
+        wait_for(lambda: refusals.by_reason.get("not_curve", 0) >= 2, what="plain clients refused")
+        assert curve_counters(pipeline.context)["CurveRefused"] == refusals.total
 
         pipeline.master.start_scan({"frames": 40})
         wait_for(lambda: not pipeline.master.acquiring, what="acquisition")
