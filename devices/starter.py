@@ -26,6 +26,7 @@ import tango
 from pipelines.definition import PipelineDefinition, load_definition
 
 from .database import DeploymentError, database, executable, register
+from .deploy import prepare_secrets
 
 #: Starter's startup level per role: upstream first, so each device finds what it reads.
 STARTUP_LEVELS = {"master": 1, "sorter": 2, "worker": 3, "sink": 4, "writer": 4, "lavue": 4}
@@ -247,6 +248,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             "deploy registers the pipeline in the facility's Tango database: set TANGO_HOST=host:port"
         )
     definition = load_definition(args.config)
+    prepare_secrets(definition)
     host = args.host or definition.host or short_hostname()
     if args.set_starter_path and not args.starter:
         raise DeploymentError("--set-starter-path needs --starter DIR (the folder to add to StartDsPath)")

@@ -13,6 +13,7 @@ import yaml
 from devices.database import DeploymentError, start_embedded_database, stop_process
 from devices.starter import SERVER_CLASSES, STARTUP_LEVELS, pipeline_servers, wrapper_script, write_wrappers
 from pipelines.definition import load_definition
+from pipelines.security import read_token_file
 
 from .conftest import BIN, demo_config, tangopipe, user_env
 
@@ -72,7 +73,7 @@ def test_deploy_registers_host_levels_and_the_starter_path_in_the_embedded_datab
     starter.name, starter._class, starter.server = "tango/admin/bl01", "Starter", "Starter/bl01"
     db.add_device(starter)
     db.put_device_property(starter.name, {"StartDsPath": ["/opt/other"]})
-    config = demo_config(tmp_path)
+    config = demo_config(tmp_path, security={"query_token_file": "secrets/sink.token"})
     wrappers = tmp_path / "bin"
     out = tangopipe(
         "deploy",
@@ -86,6 +87,9 @@ def test_deploy_registers_host_levels_and_the_starter_path_in_the_embedded_datab
         cwd=tmp_path,
     ).stdout
     assert "Starter tango/admin/bl01 is not running" in out
+    token = tmp_path / "secrets" / "sink.token"  # made, private, as tangopipe up does
+    assert token.stat().st_mode & 0o777 == 0o600 and read_token_file(token)
+    assert db.get_device_property("demo/sink/1", "QueryTokenFile")["QueryTokenFile"][0] == str(token)
 
     definition = load_definition(config)
     servers = pipeline_servers(definition)
