@@ -1,11 +1,10 @@
-"""The Tango faces of the engines, each in a real device server (DeviceTestContext)."""
+"""The Tango faces of the engines, each in a real device server without database (tests/servers.py)."""
 
 import json
 
 import pytest
 import tango
 import zmq
-from tango.test_context import DeviceTestContext, MultiDeviceTestContext
 
 from devices.master import PipelineMaster
 from devices.sorter import PipelineSorter
@@ -13,6 +12,7 @@ from devices.worker import PipelineWorker
 from pipelines.consumer import ConsumerEngine
 from pipelines.sorter import SorterEngine
 from pipelines.worker import WorkerEngine
+from tests.servers import DeviceServerContext, ServerContext
 from tests.waiting import wait_for
 
 SMALL_SOURCE = json.dumps({"kind": "simulator", "shape": [32, 32], "rate_hz": 0, "frames": 20})
@@ -20,7 +20,7 @@ SMALL_SOURCE = json.dumps({"kind": "simulator", "shape": [32, 32], "rate_hz": 0,
 
 
 def test_sorter_device_publishes_endpoints_units_and_counts_bad_messages():
-    with DeviceTestContext(PipelineSorter, process=True, properties={"ReorderWindow": 32}, timeout=60) as dev:
+    with DeviceServerContext(PipelineSorter, properties={"ReorderWindow": 32}) as dev:
         assert dev.state() == tango.DevState.ON
         assert dev.DataEndpoint.startswith("tcp://127.0.0.1:")
         assert dev.CollectEndpoint.startswith("tcp://127.0.0.1:")
@@ -40,7 +40,7 @@ def test_sorter_device_publishes_endpoints_units_and_counts_bad_messages():
 
 def test_master_device_runs_a_scan_through_real_engines():
     props = {"Source": SMALL_SOURCE, "MaxQueueFrames": 8}
-    with DeviceTestContext(PipelineMaster, process=True, properties=props, timeout=60) as master:
+    with DeviceServerContext(PipelineMaster, properties=props) as master:
         assert master.state() == tango.DevState.ON
         sorter = SorterEngine()
         sorter.bind_now()
@@ -84,7 +84,7 @@ def test_master_device_runs_a_scan_through_real_engines():
     ],
 )
 def test_bad_properties_give_fault_and_a_status_that_says_what_to_fix(props, words):
-    with DeviceTestContext(PipelineMaster, process=True, properties=props, timeout=60) as dev:
+    with DeviceServerContext(PipelineMaster, properties=props) as dev:
         assert dev.state() == tango.DevState.FAULT
         for word in words:
             assert word in dev.status()
@@ -99,7 +99,7 @@ def test_worker_without_a_database_reports_unknown_naming_the_upstream():
         ]},
         {"class": PipelineSorter, "devices": [{"name": "test/sorter/1", "properties": {}}]},
     ]
-    with MultiDeviceTestContext(devices, process=True, timeout=60) as ctx:
+    with ServerContext(devices) as ctx:
         worker = ctx.get_device("test/worker/1")
         sorter = ctx.get_device("test/sorter/1")
         wait_for(lambda: "test/master/9" in worker.status(), what="status naming the upstream")
@@ -110,7 +110,7 @@ def test_worker_without_a_database_reports_unknown_naming_the_upstream():
 
 def test_worker_rejects_a_bad_reconfiguration_and_keeps_its_chain():
     props = {"Steps": json.dumps([{"roi_stats": {"bin": 2}}])}
-    with DeviceTestContext(PipelineWorker, process=True, properties=props, timeout=60) as dev:
+    with DeviceServerContext(PipelineWorker, properties=props) as dev:
         with pytest.raises(tango.DevFailed, match="unknown parameter 'binning'"):
             dev.Reconfigure(json.dumps([{"roi_stats": {"binning": 2}}]))
         assert dev.ConfigVersion == 1

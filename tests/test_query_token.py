@@ -11,7 +11,6 @@ import pytest
 import tango
 import yaml
 import zmq
-from tango.test_context import MultiDeviceTestContext
 
 from devices.deploy import prepare_secrets
 from devices.sink import PipelineSink
@@ -25,6 +24,7 @@ from pipelines.sorter import SorterEngine
 from pipelines.sources.simulator import SimulatedDetector
 from pipelines.transport import receive, send
 from pipelines.worker import WorkerEngine
+from tests.servers import ServerContext
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ def test_sink_device_refuses_counts_and_binds_the_demo_on_loopback(tmp_path, tok
         {"name": "demo/sink/1", "properties": props},
         {"name": "demo/sink/2", "properties": {"LavuePort": -1, "QueryTokenFile": str(open_file)}},
     ]}]
-    with MultiDeviceTestContext(devices, process=True, timeout=60) as ctx:
+    with ServerContext(devices) as ctx:
         sink, broken = ctx.get_device("demo/sink/1"), ctx.get_device("demo/sink/2")
         endpoint = sink.QueryEndpoint
         # the demo's query port and Lavue stream listen on loopback only

@@ -20,13 +20,13 @@ import pytest
 import tango
 import yaml
 from sardana.tango.core.util import register_sardana
-from tango.test_context import DeviceTestContext
 
 from devices.database import pid_alive, stop_process
 from devices.sardana_cli import DEFGH_LINES, macro_folder
 from devices.sink import PipelineSink
 
 from .conftest import BIN, ROOT, Deployed, demo_config, pids_alive, tangopipe, user_env
+from .servers import DeviceServerContext
 
 pytestmark = pytest.mark.slow
 
@@ -362,12 +362,12 @@ def test_sardana_path_prints_the_folder_of_the_hook_macros(tmp_path):
 
 def test_scalar_attributes_are_named_after_results_and_a_clash_gives_fault_naming_it():
     properties = {"ScalarAttributes": ["hits/count", "2theta_peak"], "LavuePort": -1}
-    with DeviceTestContext(PipelineSink, process=True, properties=properties, timeout=60) as dev:
+    with DeviceServerContext(PipelineSink, properties=properties) as dev:
         assert {"hits_count", "r_2theta_peak"} <= {a.lower() for a in dev.get_attribute_list()}
         assert math.isnan(dev.hits_count)  # no result yet
         assert dev.get_attribute_config("hits_count").data_format == tango.AttrDataFormat.SCALAR
     properties = {"ScalarAttributes": ["center_sum", "State"], "LavuePort": -1}
-    with DeviceTestContext(PipelineSink, process=True, properties=properties, timeout=60) as dev:
+    with DeviceServerContext(PipelineSink, properties=properties) as dev:
         assert dev.state() == tango.DevState.FAULT
         assert "ScalarAttributes" in dev.status() and "'State'" in dev.status()
         assert "center_sum" not in dev.get_attribute_list()  # all or nothing

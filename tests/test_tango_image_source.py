@@ -1,6 +1,6 @@
 """The tango_image source against the SimulatedCamera device: each in a real server.
 
-The source alone talks to a camera run without database (DeviceTestContext, full
+The source alone talks to a camera run without database (tests/servers.py, full
 TRL); a deployed pipeline reads a camera registered in its own database, also
 when the camera's server is stopped in the middle of a scan and started again.
 """
@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 import tango
-from tango.test_context import DeviceTestContext
 
 from devices.database import database, pid_alive, register, stop_process
 from devices.deploy import start_server
@@ -24,6 +23,7 @@ from pipelines.sources.simulator import SimulatedDetector
 from pipelines.sources.tango_image import TangoImageSource
 
 from .conftest import Deployed, demo_config, pids_alive, tangopipe
+from .servers import DeviceServerContext
 from .waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,9 @@ def reference(shape=SHAPE) -> SimulatedDetector:
     return SimulatedDetector(shape=shape, dtype="uint16", rate_hz=0)
 
 
-def camera_context(**properties) -> DeviceTestContext:
+def camera_context(**properties) -> DeviceServerContext:
     props = {"Shape": SHAPE, **properties}
-    return DeviceTestContext(SimulatedCamera, process=True, properties=props, timeout=60)
+    return DeviceServerContext(SimulatedCamera, properties=props)
 
 
 def acquire(camera, frames: int, exposure_s: float = EXPOSURE_S) -> None:

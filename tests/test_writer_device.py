@@ -2,9 +2,9 @@
 
 import pytest
 import tango
-from tango.test_context import DeviceTestContext
 
 from devices.writer import PipelineWriter
+from tests.servers import DeviceServerContext
 
 
 @pytest.mark.parametrize(
@@ -22,14 +22,14 @@ from devices.writer import PipelineWriter
 )
 def test_a_wrong_property_gives_fault_naming_it(tmp_path, properties, message):
     props = {"Directory": str(tmp_path), **properties}
-    with DeviceTestContext(PipelineWriter, process=True, properties=props, timeout=60) as dev:
+    with DeviceServerContext(PipelineWriter, properties=props) as dev:
         assert dev.state() == tango.DevState.FAULT
         assert message in dev.status() and "Fix the device properties" in dev.status()
 
 
 def test_a_good_writer_has_no_storage_fault_and_retry_answers(tmp_path):
     props = {"Directory": str(tmp_path), "Kind": "graphs", "Maps": "roi_sum, total", "PlotEvery": 5}
-    with DeviceTestContext(PipelineWriter, process=True, properties=props, timeout=60) as dev:
+    with DeviceServerContext(PipelineWriter, properties=props) as dev:
         assert dev.state() != tango.DevState.FAULT or "Upstream" in dev.status()
         assert dev.StorageFault == "" and dev.Retry() is True
         assert dev.HeldMessages == 0 and dev.get_attribute_config("HeldMessages").unit == "messages"
@@ -59,7 +59,7 @@ def test_the_sink_device_answers_from_the_scan_file_what_it_does_not_hold(tmp_pa
         )
     f.close()
     props = {"LavuePort": -1, "ScanFileDirectory": str(tmp_path), "Pipeline": "demo"}
-    with DeviceTestContext(PipelineSink, process=True, properties=props, timeout=60) as sink:
+    with DeviceServerContext(PipelineSink, properties=props) as sink:
         answer = json.loads(sink.GetResult(json.dumps({"scan": 5, "stream": "main", "index": 2})))
         assert (
             answer["roi_sum"] == 20.0 and answer["profile"] == [2.0, 3.0, 4.0, 5.0] and answer["index"] == 2
