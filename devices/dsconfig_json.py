@@ -6,8 +6,9 @@ Facilities keep their Tango configuration as dsconfig files and load them with
 strings), and ``tangopipe import-dsconfig`` turns such a file (also one dumped
 from a live database by ``tango2json``) back into a pipeline definition.
 
-Only devices and properties travel: the definition's ``description`` and
-``host`` are not database contents and are not in the JSON.
+Devices and their properties travel, and each class's ``AllowedAccessCmd`` (the
+commands read-only users may run under Tango access control). The definition's
+``description`` and ``host`` are not database contents and are not in the JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from devices.database import READ_ONLY_COMMANDS
 from pipelines import definition as schema
 from pipelines.definition import DefinitionError, PipelineDefinition, load_definition
 
@@ -37,11 +39,19 @@ def to_dsconfig(definition: PipelineDefinition) -> dict[str, Any]:
         devices = servers.setdefault(server, {}).setdefault(instance, {}).setdefault(spec.cls, {})
         # an empty list is no value at all in Tango (and dsconfig wants one item at least)
         devices[spec.name] = {"properties": {k: v for k, v in spec.tango_properties().items() if v}}
+    # the read-only commands Tango access control lets read-only users run (tangopipe up
+    # and deploy add them to what the facility has; json2tango replaces the class's list)
+    classes = {
+        cls: {"properties": {"AllowedAccessCmd": list(READ_ONLY_COMMANDS[cls])}}
+        for cls in sorted({spec.cls for spec in definition.devices()})
+        if READ_ONLY_COMMANDS.get(cls)
+    }
     return {
         "_title": f"tangopipe pipeline {definition.name}",
         "_source": str(definition.path),
         "_version": DSCONFIG_VERSION,
         "servers": servers,
+        "classes": classes,
     }
 
 

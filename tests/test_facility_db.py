@@ -14,7 +14,7 @@ import pytest
 import tango
 import yaml
 
-from devices.database import pid_alive, stop_process
+from devices.database import READ_ONLY_COMMANDS, pid_alive, stop_process
 from devices.deploy import device_report, wait_ready
 from devices.starter import STARTUP_LEVELS, pipeline_servers, short_hostname, starter_device
 from pipelines.definition import load_definition
@@ -102,6 +102,9 @@ def test_exported_json_loads_with_json2tango_and_reads_back_the_same(facility_db
         expected = {k: v for k, v in spec.tango_properties().items() if v}
         stored = db.get_device_property(spec.name, list(expected))
         assert {k: list(v) for k, v in stored.items()} == expected
+    for cls in {spec.cls for spec in definition.devices()}:  # what read-only users may run
+        allowed = db.get_class_property(cls, ["AllowedAccessCmd"])["AllowedAccessCmd"]
+        assert list(allowed) == list(READ_ONLY_COMMANDS[cls]) and "BadMessageReasons" in allowed
     again = json2tango()
     assert again.returncode == 0, again.stderr  # dsconfig: no changes needed
 
