@@ -177,8 +177,12 @@ class PipelineDevice(Device):
         into Python while another thread destroys a proxy can deadlock a pytango client).
         """
         skip = {"State", "Status", *self.PUSHED_BY_DEVICE}
-        names = [a.get_name() for a in self.get_device_attr().get_attribute_list()]
-        return [name for name in names if name not in skip]
+        return [name for name in self.attribute_names() if name not in skip]
+
+    def attribute_names(self) -> list[str]:
+        """Names of the device's attributes, dynamic ones included."""
+        attrs = self.get_device_attr()
+        return [attrs.get_attr_by_ind(i).get_name() for i in range(attrs.get_attr_nb())]
 
     # -- state ---------------------------------------------------------------------------
     def dev_state(self) -> DevState:

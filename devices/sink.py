@@ -152,7 +152,7 @@ class PipelineSink(PipelineDevice):
         for attr_name in previous:
             self.remove_attribute(attr_name)
         self.scalar_attributes: dict[str, str] = {}
-        taken = {a.get_name() for a in self.get_device_attr().get_attribute_list()}
+        taken = set(self.attribute_names())
         wanted = scalar_attribute_names(self.ScalarAttributes, taken)
         for attr_name, result in wanted.items():
             attr = tango.Attr(attr_name, tango.DevDouble, tango.AttrWriteType.READ)
