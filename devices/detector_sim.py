@@ -105,8 +105,10 @@ class SimulatedCamera(Device):
         max_dim_y=MAX_SIDE,
         doc="the last frame (empty before the first); a change event is pushed for every frame",
     )
-    def image(self) -> tuple[np.ndarray, float, AttrQuality]:
+    def image(self) -> np.ndarray | tuple[np.ndarray, float, AttrQuality]:
         with self._lock:
+            if not self._image.size:  # PyTango 10.0 cannot take an empty image with a time stamp
+                return self._image
             return self._image, self._image_time, AttrQuality.ATTR_VALID
 
     # -- commands ----------------------------------------------------------------------
