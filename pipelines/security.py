@@ -318,17 +318,11 @@ class CurveGuard:
                     poller.unregister(monitor)
                     monitor.close(0)
                     del watched[monitor]
-                elif event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                    self.refusals.record(
-                        "not_curve",
-                        f"a client without CURVE tried {watched[monitor]}: this pipeline's data sockets "
-                        f"are encrypted; give the client keys (tangopipe keys {self.folder} --client NAME)",
-                    )
-                else:
+                else:  # which event libzmq reports for a plain client depends on timing
                     self.refusals.record(
                         "handshake_failed",
-                        f"a client failed the CURVE handshake on {watched[monitor]} (a wrong server key?): "
-                        f"it needs {self.folder / (PIPELINE_KEY + '.key')} as the server key",
+                        f"a client failed the CURVE handshake on {watched[monitor]}: it speaks plain ZeroMQ "
+                        f"or has a wrong server key; give it keys (tangopipe keys {self.folder} --client NAME)",
                     )
         with self._monitor_lock:
             new, self._new_monitors = self._new_monitors, []
