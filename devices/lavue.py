@@ -102,16 +102,9 @@ class LavueBridge(PipelineDevice):
         return endpoint
 
     # -- events --------------------------------------------------------------------------
-
     def extra_event_value(self, name: str) -> Any:
-        if self.engine is None:
-            return None
-        if name == "PublishRateHz":
-            return self.engine.max_rate_hz
-        if name == "Topics":
-            return list(self.engine.topics)
-        if name == "Address":
-            return self.engine.address
+        if name == "Topics":  # declared as TopicsNow: the property Topics has the name
+            return self._read_topics()
         return None
 
     # -- attributes ----------------------------------------------------------------------

@@ -95,7 +95,6 @@ class PipelineMaster(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.source.connect(endpoints[0])  # reconnects only when the endpoint changed
 
-
     @attribute(dtype=(str,), max_dim_x=1024, doc="names of the connected workers")
     def WorkerNames(self) -> list[str]:
         return self.engine.worker_names() if self.engine else []

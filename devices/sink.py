@@ -121,10 +121,7 @@ class PipelineSink(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.connect(endpoints[0])
 
-
     def extra_event_value(self, name: str) -> Any:
-        if name == "LatestIndex":
-            return self.latest_index()
         scalars = getattr(self, "scalar_attributes", {})
         if name in scalars:
             return self.latest_scalar(scalars[name])

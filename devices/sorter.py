@@ -53,7 +53,6 @@ class PipelineSorter(PipelineDevice):
             batch_latency_ms=self.BatchLatencyMs,
         )
 
-
     @attribute(dtype=str, doc="where workers push their results (ZeroMQ endpoint)")
     def CollectEndpoint(self) -> str:
         return self.engine.collect_endpoint if self.engine else ""

@@ -51,7 +51,6 @@ class PipelineWorker(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.connect(endpoints[0], endpoints[1])
 
-
     @attribute(dtype=str, doc="the step chain in use, JSON")
     def StepChain(self) -> str:
         return json.dumps(self.engine.chain.specs if self.engine else [])

@@ -121,7 +121,6 @@ class PipelineWriter(PipelineDevice):
     def connect_upstream(self, endpoints: list[str]) -> None:
         self.engine.connect(endpoints[0])
 
-
     @attribute(dtype=str, doc="path of the file being written, or the last one")
     def LastFile(self) -> str:
         return self.engine.last_file if self.engine else ""

@@ -411,11 +411,11 @@ def curve_guard(context: zmq.Context) -> CurveGuard | None:
 
 def curve_of(context: zmq.Context) -> CurveKeys | None:
     """The CURVE keys sockets of ``context`` use (None: plain ZeroMQ)."""
-    guard = _GUARDS.get(context)
+    guard = curve_guard(context)
     return guard.keys if guard is not None else None
 
 
 def curve_counters(context: zmq.Context | None = None) -> dict[str, int]:
     """``{"CurveRefused": n}`` for a context using CURVE, else nothing."""
-    guard = _GUARDS.get(context or zmq.Context.instance())
+    guard = curve_guard(context or zmq.Context.instance())
     return {"CurveRefused": guard.refusals.total} if guard is not None else {}
