@@ -145,9 +145,6 @@ class ServerContext:
         """The full name a client uses for device ``name`` of this server."""
         return f"tango://{HOST}:{self.port}/{name}#dbase=no"
 
-    def get_device_access(self, name: str) -> str:
-        return self.access(name)
-
     def get_device(self, name: str) -> tango.DeviceProxy:
         if name not in self._proxies:
             self._proxies[name] = tango.DeviceProxy(self.access(name))
